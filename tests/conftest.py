@@ -1,0 +1,59 @@
+"""Shared test configuration: markers that skip when their resource is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CONIC_QP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _has_qupath() -> bool:
+    try:
+        import paquo.jpype_backend  # noqa: F401
+        from paquo.java import QuPath  # type: ignore  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skips = {
+        "shared_data": (SHARED_DATA.is_dir(), f"needs real data at {SHARED_DATA}"),
+        "gpu": (None, "needs a CUDA GPU"),
+        "qupath": (None, "needs QuPath + paquo"),
+        "omero": (
+            bool(os.environ.get("OMERO_TEST_HOST")),
+            "needs an OMERO server (OMERO_TEST_HOST)",
+        ),
+    }
+    checks = {"gpu": _has_gpu, "qupath": _has_qupath}
+    for item in items:
+        for name, (available, reason) in skips.items():
+            if name not in item.keywords:
+                continue
+            if available is None:
+                available = checks[name]()
+                skips[name] = (available, reason)
+            if not available:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of ../shared/data (tests using it must be marked ``shared_data``)."""
+    return SHARED_DATA

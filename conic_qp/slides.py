@@ -1,0 +1,534 @@
+"""Open slides and read regions at the model's resolution (um/px).
+
+Every source (a file through tiffslide or PIL, later QuPath or OMERO) satisfies the
+:class:`SlideSource` protocol, so the inference engine only ever asks for "this level-0 region at
+that um/px". Reading picks the coarsest pyramid level that is still at least as fine as the
+requested resolution and resamples it with an anti-aliasing filter (Pillow's box-aware Lanczos),
+so a 40x slide read at 0.5 um/px looks like a 20x scan rather than an aliased subsample.
+
+Coordinates: regions are ``(x, y, w, h)`` in level-0 pixels and may be fractional, so a tile of
+the model's pixel grid maps to the slide without rounding drift; ``size=(w, h)`` fixes the output
+shape exactly. Parts of a region outside the slide are white (glass).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import tifffile
+import tiffslide
+from PIL import Image, UnidentifiedImageError
+
+from conic_qp.errors import ConicQPError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MPP_RANGE",
+    "ImageSource",
+    "PyramidSource",
+    "Region",
+    "SlideSource",
+    "TiffSlideSource",
+    "open_slide",
+    "scaled_size",
+]
+
+#: Plausible level-0 resolutions of brightfield scans (um/px); outside it metadata is wrong.
+MPP_RANGE: tuple[float, float] = (0.1, 2.0)
+#: A level up to 1% coarser than requested is still used (pyramids have non-exact downsamples).
+LEVEL_EPS = 0.01
+#: Level pixels read at once when a whole slide is resampled (thumbnail), to bound memory.
+_BAND_PIXELS = 64 * 1024 * 1024
+
+Region = tuple[float, float, float, float]
+"""``(x, y, w, h)`` in level-0 pixels (floats allowed)."""
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_LENGTH_UM = {"nm": 1e-3, "um": 1.0, "µm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+@runtime_checkable
+class SlideSource(Protocol):
+    """A readable H&E slide with a known level-0 resolution."""
+
+    @property
+    def name(self) -> str:
+        """Display name (the file name for files)."""
+        ...
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 ``(width, height)`` in pixels."""
+        ...
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 resolution in um/px."""
+        ...
+
+    def read(self, region: Region, mpp: float, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Return ``region`` resampled to ``mpp`` um/px as (h, w, 3) uint8."""
+        ...
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        """Return the whole slide with its longer side <= ``max_size`` and its downsample."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> SlideSource: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def scaled_size(size: tuple[float, float], from_mpp: float, to_mpp: float) -> tuple[int, int]:
+    """Pixel size ``(w, h)`` of an area measured at ``from_mpp`` once resampled to ``to_mpp``.
+
+    The single rounding rule shared by :meth:`SlideSource.read` and the tiling, so the shape of a
+    region at the model's resolution is the same wherever it is computed.
+    """
+    f = from_mpp / to_mpp
+    return max(1, round(size[0] * f)), max(1, round(size[1] * f))
+
+
+class PyramidSource:
+    """A :class:`SlideSource` over a pyramid of levels: level choice and resampling.
+
+    Subclasses only provide the level sizes and raw reads of in-bounds level pixels.
+    """
+
+    _name: str
+    _mpp: float
+    _level_dims: list[tuple[int, int]]
+
+    # -- subclass interface -------------------------------------------------------------------
+    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Return level pixels [y0:y1, x0:x1] (in bounds) as (h, w, 3) uint8."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file; reading afterwards is an error."""
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._level_dims[0]
+
+    @property
+    def mpp(self) -> float:
+        return self._mpp
+
+    @property
+    def level_mpps(self) -> tuple[float, ...]:
+        """um/px of each pyramid level (level 0 first)."""
+        w0, h0 = self._level_dims[0]
+        return tuple(self._mpp * (w0 / w + h0 / h) / 2 for w, h in self._level_dims)
+
+    def best_level(self, mpp: float) -> int:
+        """Coarsest level whose um/px is <= ``mpp`` (within 1%); 0 when ``mpp`` is finer."""
+        best = 0
+        for level, level_mpp in enumerate(self.level_mpps):
+            if level_mpp <= mpp * (1 + LEVEL_EPS):
+                best = level
+        return best
+
+    def read(self, region: Region, mpp: float, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Read a level-0 region resampled to ``mpp`` um/px.
+
+        Parameters
+        ----------
+        region : ``(x, y, w, h)`` in level-0 pixels, fractional allowed, may leave the slide
+            (outside is white).
+        mpp : target resolution in um/px.
+        size : output ``(w, h)``; default :func:`scaled_size` of the region.
+
+        Returns
+        -------
+        (h, w, 3) uint8 RGB.
+        """
+        x, y, w, h = (float(v) for v in region)
+        if not (w > 0 and h > 0 and mpp > 0 and math.isfinite(mpp)):
+            raise ConicQPError(
+                f"cannot read region {region} at {mpp} um/px from {self._name}: width, height "
+                "and um/px must be positive"
+            )
+        out_w, out_h = size if size is not None else scaled_size((w, h), self._mpp, mpp)
+        if out_w < 1 or out_h < 1:
+            raise ConicQPError(f"output size {size} must be at least 1x1 px")
+        level = self.best_level(mpp)
+        lw, lh = self._level_dims[level]
+        w0, h0 = self._level_dims[0]
+        sx, sy = lw / w0, lh / h0  # level px per level-0 px
+        box = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
+        if w * h * sx * sy > _BAND_PIXELS and out_h > 1:
+            return self._read_banded(level, box, out_w, out_h)
+        return self._resample(level, box, out_w, out_h)
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        """Whole slide, longer side <= ``max_size``; returns ``(rgb, level-0 px per thumb px)``."""
+        if max_size < 1:
+            raise ConicQPError(f"thumbnail size must be >= 1 px, got {max_size}")
+        w0, h0 = self._level_dims[0]
+        downsample = max(1.0, max(w0, h0) / max_size)
+        size = (max(1, math.floor(w0 / downsample)), max(1, math.floor(h0 / downsample)))
+        image = self.read((0, 0, w0, h0), self._mpp * downsample, size=size)
+        return image, downsample
+
+    def __enter__(self) -> PyramidSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"{type(self).__name__}({self._name!r}, {w}x{h}, {self._mpp:.4g} um/px)"
+
+    # -- internals ----------------------------------------------------------------------------
+    def _read_banded(
+        self, level: int, box: tuple[float, float, float, float], out_w: int, out_h: int
+    ) -> np.ndarray:
+        """Resample in horizontal bands so huge single-level reads stay within memory."""
+        bx0, by0, bx1, by1 = box
+        rows_per_band = max(1, int(_BAND_PIXELS / max(1.0, (bx1 - bx0) * (by1 - by0) / out_h)))
+        step = (by1 - by0) / out_h
+        bands = []
+        for r0 in range(0, out_h, rows_per_band):
+            r1 = min(out_h, r0 + rows_per_band)
+            band_box = (bx0, by0 + r0 * step, bx1, by0 + r1 * step)
+            bands.append(self._resample(level, band_box, out_w, r1 - r0))
+        return np.concatenate(bands, axis=0)
+
+    def _resample(
+        self, level: int, box: tuple[float, float, float, float], out_w: int, out_h: int
+    ) -> np.ndarray:
+        lw, lh = self._level_dims[level]
+        bx0, by0, bx1, by1 = box
+        # Integer window [wx0, wx1) x [wy0, wy1) holding the box; the part outside the level is
+        # glass (white). Around it, the Lanczos support (3 output px) is read where it exists.
+        wx0, wy0, wx1, wy1 = math.floor(bx0), math.floor(by0), math.ceil(bx1), math.ceil(by1)
+        if wx1 <= 0 or wy1 <= 0 or wx0 >= lw or wy0 >= lh:
+            return np.full((out_h, out_w, 3), 255, np.uint8)
+        aligned = (bx0, by0, bx1, by1) == (wx0, wy0, wx1, wy1)
+        inside = 0 <= wx0 and 0 <= wy0 and wx1 <= lw and wy1 <= lh
+        if aligned and inside and (out_w, out_h) == (wx1 - wx0, wy1 - wy0):
+            return self._read_level(level, wx0, wy0, wx1, wy1)  # a plain crop of this level
+        margin = math.ceil(3 * max((bx1 - bx0) / out_w, (by1 - by0) / out_h, 1.0)) + 1
+        rx0, ry0 = max(0, wx0 - margin), max(0, wy0 - margin)
+        rx1, ry1 = min(lw, wx1 + margin), min(lh, wy1 + margin)
+        pixels = self._read_level(level, rx0, ry0, rx1, ry1)
+        ax0, ay0 = min(rx0, wx0), min(ry0, wy0)
+        ax1, ay1 = max(rx1, wx1), max(ry1, wy1)
+        if (ax0, ay0, ax1, ay1) != (rx0, ry0, rx1, ry1):
+            full = np.full((ay1 - ay0, ax1 - ax0, 3), 255, np.uint8)
+            full[ry0 - ay0 : ry1 - ay0, rx0 - ax0 : rx1 - ax0] = pixels
+            pixels = full
+        resized = Image.fromarray(pixels).resize(
+            (out_w, out_h),
+            Image.Resampling.LANCZOS,
+            box=(bx0 - ax0, by0 - ay0, bx1 - ax0, by1 - ay0),
+        )
+        return np.asarray(resized, dtype=np.uint8)
+
+
+class ImageSource(PyramidSource):
+    """A single-level image held in memory (PNG/JPEG, non-pyramidal TIFF, arrays in tests)."""
+
+    def __init__(self, image: np.ndarray, mpp: float, name: str = "image") -> None:
+        self._name = name
+        self._image = _as_rgb(image, name)
+        self._mpp = mpp
+        self._level_dims = [(self._image.shape[1], self._image.shape[0])]
+
+    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        return self._image[y0:y1, x0:x1].copy()
+
+
+class _LevelCoordTiffSlide(tiffslide.TiffSlide):
+    """TiffSlide whose ``read_region`` location is given in the level's own pixels.
+
+    tiffslide documents ``_read_region_loc_transform`` as the hook for this; it avoids the
+    off-by-one of ``int(x0 * ds / ds)`` with non-integer downsamples.
+    """
+
+    def _read_region_loc_transform(self, location: tuple[int, int], level: int) -> tuple[int, int]:
+        return int(location[0]), int(location[1])
+
+
+class TiffSlideSource(PyramidSource):
+    """Any TIFF that tiffslide opens (SVS, generic and OME pyramidal TIFF, plain TIFF)."""
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        self._name = path.name
+        self._path = path
+        try:
+            slide = _LevelCoordTiffSlide(path)
+            self._slide: _LevelCoordTiffSlide | None = slide
+            props = slide.properties
+            axes = str(props["tiffslide.series-axes"])
+            tf = slide.ts_tifffile
+            series = tf.series[int(props["tiffslide.series-index"])]
+            self._level_dims = [(int(w), int(h)) for w, h in slide.level_dimensions]
+        except Exception as err:
+            described = _describe_tiff_pixels(path)
+            if described is not None:
+                raise _not_rgb(self._name, described) from err
+            raise _unreadable(path, err) from err
+        try:
+            self._check_pixels(axes, series.dtype, series.shape)
+            _check_truncated(path, series)
+            self._alpha = axes == "YXS" and int(series.shape[-1]) == 4
+            meta_mpp = _ome_mpp(tf) if tf.is_ome else None
+            if meta_mpp is None:
+                meta_mpp = _pair_mpp(
+                    props.get(tiffslide.PROPERTY_NAME_MPP_X),
+                    props.get(tiffslide.PROPERTY_NAME_MPP_Y),
+                )
+            self._mpp = _resolve_mpp(self._name, meta_mpp, mpp)
+            # Decode one pixel of the coarsest level now, so a broken codec fails at open time.
+            self._read_level(len(self._level_dims) - 1, 0, 0, 1, 1)
+        except BaseException:
+            self.close()
+            raise
+        log.debug("opened %s: levels %s, %.4g um/px", path, self._level_dims, self._mpp)
+
+    def _check_pixels(self, axes: str, dtype: Any, shape: Sequence[int]) -> None:
+        samples = {"YXS": int(shape[-1]), "CYX": int(shape[0]), "YX": 1}.get(axes, 0)
+        if np.dtype(dtype) != np.uint8 or samples not in (3, 4) or (axes == "CYX" and samples != 3):
+            raise _not_rgb(self._name, f"{samples}-channel {np.dtype(dtype)} ({axes})")
+
+    def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        if self._slide is None:
+            raise ConicQPError(f"{self._name} was closed; open it again to read")
+        try:
+            arr = self._slide.read_region((x0, y0), level, (x1 - x0, y1 - y0), as_array=True)
+        except Exception as err:
+            raise ConicQPError(
+                f"cannot read level {level} [{x0}:{x1}, {y0}:{y1}] of {self._path}: {err}; the "
+                "file may be truncated or corrupt"
+            ) from err
+        arr = np.asarray(arr)
+        return _composite_alpha(arr) if self._alpha else np.ascontiguousarray(arr[..., :3])
+
+    def close(self) -> None:
+        slide = getattr(self, "_slide", None)
+        if slide is not None:
+            slide.close()
+            self._slide = None
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> PyramidSource:
+    """Open a slide or image file as a :class:`SlideSource`.
+
+    Parameters
+    ----------
+    path : SVS / pyramidal TIFF / OME-TIFF / any TIFF tiffslide reads, or PNG/JPEG.
+    mpp : level-0 um/px overriding the metadata (the CLI's ``--mpp``); required when the file
+        has no plausible resolution (0.1-2.0 um/px) in its metadata, e.g. PNG/JPEG.
+
+    Raises
+    ------
+    ConicQPError
+        Missing, unreadable, truncated or non-RGB file; DICOM without a reader; missing or
+        implausible um/px without ``mpp``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConicQPError(f"slide file {path} does not exist; check the path")
+    if path.is_dir():
+        raise ConicQPError(f"{path} is a folder, not a slide file; pass the slide file itself")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ConicQPError(f"--mpp {mpp} is not a positive number of um/px (e.g. 0.25 for 40x)")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as err:
+        raise _unreadable(path, err) from err
+    if path.suffix.lower() == ".dcm" or head[128:132] == b"DICM":
+        return _open_dicom(path)
+    if head[:4] in _TIFF_MAGIC:
+        return TiffSlideSource(path, mpp)
+    return _open_pil(path, mpp)
+
+
+def _open_dicom(path: Path) -> PyramidSource:
+    if importlib.util.find_spec("wsidicom") is None:
+        raise ConicQPError(
+            f"{path.name} is a DICOM whole-slide image, which needs a DICOM reader: "
+            "`pip install wsidicom`, or convert it to pyramidal TIFF"
+        )
+    raise ConicQPError(
+        f"{path.name} is a DICOM whole-slide image; reading DICOM through wsidicom is not "
+        "supported yet; convert it to pyramidal TIFF (e.g. with QuPath or bfconvert)"
+    )
+
+
+def _open_pil(path: Path, mpp: float | None) -> ImageSource:
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            dpi = opened.info.get("dpi")
+            im: Image.Image = opened
+            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                alpha = "A" in im.mode or "transparency" in im.info
+                im = im.convert("RGBA" if alpha else "RGB")
+            array = np.asarray(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise _unreadable(path, err) from err
+    meta_mpp = None
+    if dpi:
+        try:
+            meta_mpp = _pair_mpp(25400.0 / float(dpi[0]), 25400.0 / float(dpi[1]))
+        except (ZeroDivisionError, TypeError, ValueError, IndexError):
+            meta_mpp = None
+    resolved = _resolve_mpp(path.name, meta_mpp, mpp)
+    return ImageSource(array, resolved, name=path.name)
+
+
+# -- metadata helpers ---------------------------------------------------------------------------
+
+
+def _pair_mpp(mpp_x: Any, mpp_y: Any) -> float | None:
+    """Combine x/y um/px from metadata; anisotropic pixels are averaged with a warning."""
+    try:
+        vx = float(mpp_x) if mpp_x not in (None, "") else None
+        vy = float(mpp_y) if mpp_y not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    if vx is None and vy is None:
+        return None
+    if vx is None or vy is None:
+        return vx if vx is not None else vy
+    if vx > 0 and vy > 0 and abs(vx - vy) / max(vx, vy) > 0.01:
+        log.warning("anisotropic pixels (%.4g x %.4g um/px); using their mean", vx, vy)
+    return (vx + vy) / 2
+
+
+def _ome_mpp(tf: Any) -> float | None:
+    """PhysicalSizeX/Y of the first OME ``Pixels`` element, in um/px."""
+    try:
+        root = ET.fromstring(tf.ome_metadata)
+    except (ET.ParseError, TypeError, ValueError):
+        return None
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] != "Pixels":
+            continue
+        values = []
+        for axis in ("X", "Y"):
+            size = element.get(f"PhysicalSize{axis}")
+            unit = element.get(f"PhysicalSize{axis}Unit", "µm")
+            factor = _LENGTH_UM.get(unit)
+            values.append(None if size is None or factor is None else float(size) * factor)
+        return _pair_mpp(*values)
+    return None
+
+
+def _resolve_mpp(name: str, meta_mpp: float | None, override: float | None) -> float:
+    lo, hi = MPP_RANGE
+    if override is not None:
+        if not lo <= override <= hi:
+            log.warning(
+                "%s: --mpp %.4g is outside the usual %.1f-%.1f um/px", name, override, lo, hi
+            )
+        if meta_mpp is not None and abs(meta_mpp - override) / override > 0.05:
+            log.info("%s: metadata says %.4g um/px; using --mpp %.4g", name, meta_mpp, override)
+        return float(override)
+    hint = "pass --mpp with the scan's real resolution (e.g. --mpp 0.25 for 40x, 0.5 for 20x)"
+    if meta_mpp is None:
+        raise ConicQPError(f"slide {name} has no um/px in its metadata; {hint}")
+    if not (math.isfinite(meta_mpp) and lo <= meta_mpp <= hi):
+        raise ConicQPError(
+            f"slide {name} reports {meta_mpp:.4g} um/px, which is implausible "
+            f"(expected {lo}-{hi}); {hint}"
+        )
+    return float(meta_mpp)
+
+
+# -- pixel / file checks ------------------------------------------------------------------------
+
+
+def _check_truncated(path: Path, series: Any) -> None:
+    """Fail at open time if tile/strip data of any level lies beyond the end of the file."""
+    size = path.stat().st_size
+    end = 0
+    for level in series.levels:
+        for page in level.pages:
+            if page is None:
+                continue
+            offsets = getattr(page, "dataoffsets", ())
+            counts = getattr(page, "databytecounts", ())
+            if len(offsets):
+                end = max(end, max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False)))
+    if end > size:
+        raise ConicQPError(
+            f"cannot read {path}: the file is truncated ({size} bytes, image data runs to {end}); "
+            "copy or download it again"
+        )
+
+
+def _describe_tiff_pixels(path: Path) -> str | None:
+    """Describe a TIFF that tiffslide refused if it is readable but not RGB (else None)."""
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            dtype, shape, axes = np.dtype(series.dtype), tuple(series.shape), series.axes
+    except Exception:
+        return None
+    if dtype == np.uint8 and axes.endswith("YXS") and shape[-1] in (3, 4):
+        return None
+    return f"{axes} {shape} {dtype}"
+
+
+def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    """Validate an image as 8-bit RGB(A); alpha is composited on white."""
+    array = np.asarray(array)
+    channels = 1 if array.ndim == 2 else (array.shape[-1] if array.ndim == 3 else 0)
+    if array.dtype != np.uint8 or channels not in (3, 4):
+        raise _not_rgb(name, f"{channels}-channel {array.dtype}")
+    return _composite_alpha(array) if channels == 4 else np.ascontiguousarray(array)
+
+
+def _composite_alpha(rgba: np.ndarray) -> np.ndarray:
+    if rgba.shape[-1] == 3:
+        return np.ascontiguousarray(rgba)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _not_rgb(name: str, what: str) -> ConicQPError:
+    return ConicQPError(
+        f"{name} is a {what} image; H&E RGB (8-bit, 3 channels) is required; fluorescence or "
+        "grayscale images cannot be analysed with an H&E model"
+    )
+
+
+def _unreadable(path: Path, err: BaseException) -> ConicQPError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ConicQPError(
+        f"cannot read {path}: not a supported slide/image or the file is corrupt or truncated "
+        f"({reason[:160]})"
+    )

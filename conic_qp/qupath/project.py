@@ -1,0 +1,595 @@
+"""Read and write QuPath projects (``project.qpproj``) without Java, QuPath 0.2 to 0.7.
+
+A project is a JSON file: ``version``, ``createTimestamp``, ``modifyTimestamp``, ``uri`` (where
+the project file was when last saved), ``lastID`` and ``images``. Each image entry has
+``entryID`` (its data live in ``data/<entryID>/``), ``imageName``, ``randomizedName``,
+``description``, ``metadata`` and a ``serverBuilder``: ``{"builderType": "uri", "uri", "args",
+"providerClassName", "metadata"}``, or a wrapper (``rotated``, ``pyramidize``, ``cropped``,
+``affine``, ``channels``, ``sparse``) whose ``builder`` holds the ``uri`` builder.
+
+Moved projects: QuPath keeps absolute URIs, so a copied project points at the old machine. Image
+files are found (1) at the stored path, (2) through explicit ``remap`` prefixes
+(``--remap OLD=NEW``), (3) at the same location relative to the project as when it was saved
+(the stored ``uri``), (4) under the project's folder (and its parent) by progressively shorter
+path suffixes, like QuPath's "search relative" in *Check project URIs*. An image that is still
+missing gets a ``problem`` string; it never fails the whole project.
+
+Locking (researched from QuPath's DefaultProject): QuPath has no lock file. It saves by writing
+``project.qpproj.tmp``, renaming the old file to ``project.qpproj.backup`` and renaming the temp
+file into place. A leftover ``project.qpproj.tmp`` therefore means QuPath is saving right now or
+crashed while saving; a ``.backup`` without the project file means a save was interrupted.
+:func:`ensure_project_writable` refuses both (and read-only projects), and :func:`project_lock`
+adds conic-qp's own lock file so two conic-qp runs never write one project at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+from urllib.parse import quote, unquote, urlparse
+
+from conic_qp.errors import ConicQPError
+from conic_qp.sinks import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+PROJECT_FILE = "project.qpproj"
+DETECTIONS_DIR = "detections"
+REGIONS_DIR = "regions"
+LOCK_FILE = ".conic-qp.lock"
+_WINDOWS_DRIVE = re.compile(r"^/?([A-Za-z]):[/\\]?")
+
+#: serverBuilder providers: Bio-Formats ships with every QuPath 0.2-0.7 and reads SVS, OME-TIFF,
+#: generic TIFF; OpenSlide moved to an extension in 0.6, so it is not the default.
+BIOFORMATS_PROVIDER = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
+OPENSLIDE_PROVIDER = "qupath.lib.images.servers.openslide.OpenslideServerBuilder"
+
+
+@dataclass(frozen=True)
+class ProjectImage:
+    """One image entry of a QuPath project, with its file resolved on this machine."""
+
+    entry_id: str
+    name: str
+    uri: str | None
+    path: Path | None
+    data_dir: Path
+    problem: str | None = None
+    builder_type: str = "uri"
+    provider: str | None = None
+    args: tuple[str, ...] = ()
+    mpp: float | None = None
+    width: int | None = None
+    height: int | None = None
+    description: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the image file exists and can be processed."""
+        return self.problem is None and self.path is not None
+
+    @property
+    def series(self) -> int | None:
+        """Bio-Formats series index (``--series N`` in the builder args), if any."""
+        args = list(self.args)
+        for i, a in enumerate(args[:-1]):
+            if a == "--series":
+                with contextlib.suppress(ValueError):
+                    return int(args[i + 1])
+        return None
+
+
+@dataclass(frozen=True)
+class QuPathProject:
+    """A parsed ``project.qpproj``."""
+
+    path: Path
+    version: str | None
+    images: tuple[ProjectImage, ...]
+    previous_uri: str | None = None
+    create_timestamp: int | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def image(self, entry_id: str | int) -> ProjectImage:
+        """Image with ``entry_id``."""
+        for im in self.images:
+            if im.entry_id == str(entry_id):
+                return im
+        ids = ", ".join(im.entry_id for im in self.images[:10])
+        raise ConicQPError(f"project {self.path} has no image with id {entry_id} (ids: {ids}...)")
+
+    def select(self, names_or_ids: Iterable[str] | None) -> list[ProjectImage]:
+        """Images whose entry id or name is in ``names_or_ids`` (all when None)."""
+        if names_or_ids is None:
+            return list(self.images)
+        wanted = [str(x) for x in names_or_ids]
+        out = [im for im in self.images if im.entry_id in wanted or im.name in wanted]
+        found = {im.entry_id for im in out} | {im.name for im in out}
+        unknown = [w for w in wanted if w not in found]
+        if unknown:
+            raise ConicQPError(
+                f"images {unknown} are not in project {self.path}; use entry ids or image names "
+                "(list them with `conic-qp annotate --list`)"
+            )
+        return out
+
+
+def find_project_file(path: str | os.PathLike[str]) -> Path:
+    """``project.qpproj`` of a project folder, or the given ``.qpproj`` file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        candidates = sorted(p.glob("*.qpproj"))
+        if (p / PROJECT_FILE).is_file():
+            return p / PROJECT_FILE
+        if len(candidates) == 1:
+            return candidates[0]
+        if (p / (PROJECT_FILE + ".backup")).is_file():
+            raise ConicQPError(
+                f"{p} has project.qpproj.backup but no project.qpproj: a QuPath save was "
+                "interrupted; copy the .backup to project.qpproj after checking it"
+            )
+        raise ConicQPError(f"{p} is not a QuPath project folder (no project.qpproj)")
+    if not p.exists():
+        raise ConicQPError(f"QuPath project {p} does not exist; check the path")
+    if p.suffix != ".qpproj":
+        raise ConicQPError(f"{p} is not a QuPath project; pass project.qpproj or its folder")
+    return p
+
+
+def uri_to_path_string(uri: str) -> str | None:
+    """Decoded file-system path of a ``file:`` URI as a string (POSIX or Windows style).
+
+    ``file:/C:/x%20y.svs`` -> ``C:/x y.svs``; ``file://server/share/a`` -> ``//server/share/a``;
+    non-file URIs (http, omero, ...) -> None.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme.lower() != "file":
+        if parsed.scheme == "" and uri:  # a bare path (very old projects)
+            return uri
+        return None
+    path = unquote(parsed.path)
+    if parsed.netloc and parsed.netloc.lower() != "localhost":
+        return f"//{parsed.netloc}{path}"
+    m = _WINDOWS_DRIVE.match(path)
+    if m:
+        return f"{m.group(1)}:/{path[m.end() :]}"
+    return path
+
+
+def _is_windows_path(s: str) -> bool:
+    return bool(_WINDOWS_DRIVE.match(s)) or s.startswith("//") or "\\" in s
+
+
+def _parts(s: str) -> tuple[str, ...]:
+    """Path components without the anchor (drive / root)."""
+    pure = PureWindowsPath(s) if _is_windows_path(s) else PurePosixPath(s)
+    return pure.parts[1:] if pure.anchor else pure.parts
+
+
+def _local(s: str) -> Path | None:
+    """``s`` as a path on this machine, or None when it is another OS's absolute path."""
+    if os.name != "nt" and _is_windows_path(s):
+        return None
+    p = Path(s)
+    return p if p.is_absolute() else None
+
+
+def _norm_prefix(s: str) -> str:
+    s = s.replace("\\", "/")
+    if _WINDOWS_DRIVE.match(s):
+        s = s.lstrip("/")
+        s = s[0].upper() + s[1:]
+    return s.rstrip("/")
+
+
+def parse_remap(items: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """``["OLD=NEW", ...]`` (the CLI's ``--remap``) -> ``{OLD: NEW}``."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return {str(k): str(v) for k, v in items.items()}
+    out: dict[str, str] = {}
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise ConicQPError(f"--remap {item!r} must look like OLD_PREFIX=NEW_PREFIX")
+        out[old.strip()] = new.strip()
+    return out
+
+
+def _apply_remap(path_str: str, remap: Mapping[str, str]) -> list[Path]:
+    """Candidates from prefix remapping, longest prefix first (case-insensitive on drives)."""
+    norm = _norm_prefix(path_str)
+    out: list[Path] = []
+    for old, new in sorted(remap.items(), key=lambda kv: -len(kv[0])):
+        o = _norm_prefix(old)
+        if _is_windows_path(o):
+            hit = norm.lower() == o.lower() or norm.lower().startswith(o.lower() + "/")
+        else:
+            hit = norm == o or norm.startswith(o + "/")
+        if hit:
+            rest = norm[len(o) :].lstrip("/")
+            out.append(Path(new).expanduser() / rest if rest else Path(new).expanduser())
+    return out
+
+
+def _relative_candidates(
+    path_str: str, previous_project_dir: str | None, project_dir: Path
+) -> list[Path]:
+    """Where the image would be if it moved together with the project (QuPath's "relative")."""
+    out: list[Path] = []
+    parts = _parts(path_str)
+    if previous_project_dir:
+        old = _parts(previous_project_dir)
+        same_os = _is_windows_path(previous_project_dir) == _is_windows_path(path_str)
+        if same_os:
+            common = 0
+            for a, b in zip(old, parts, strict=False):
+                if (a.lower() == b.lower()) if _is_windows_path(path_str) else (a == b):
+                    common += 1
+                else:
+                    break
+            if common:
+                ups = len(old) - common
+                base = project_dir
+                for _ in range(ups):
+                    base = base.parent
+                out.append(base.joinpath(*parts[common:]))
+    # Progressively shorter suffixes under the project folder and its parent.
+    for base in (project_dir, project_dir.parent):
+        for start in range(len(parts)):  # longest (most specific) suffix first
+            out.append(base.joinpath(*parts[start:]))
+    seen: set[Path] = set()
+    uniq = []
+    for p in out:
+        if p not in seen:
+            seen.add(p)
+            uniq.append(p)
+    return uniq
+
+
+def _primary_uri(builder: Any) -> tuple[str | None, str, Mapping[str, Any], int]:
+    """(uri, outer builder type, innermost ``uri`` builder, number of distinct URIs)."""
+    outer = str(builder.get("builderType", "uri")) if isinstance(builder, Mapping) else "uri"
+    uris: list[str] = []
+    inner: Mapping[str, Any] = {}
+
+    def walk(node: Any) -> None:
+        nonlocal inner
+        if isinstance(node, Mapping):
+            u = node.get("uri")
+            if isinstance(u, str):
+                if not uris:
+                    inner = node
+                if u not in uris:
+                    uris.append(u)
+            for key, value in node.items():
+                if key != "metadata":
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(builder)
+    return (uris[0] if uris else None), outer, inner, len(uris)
+
+
+def _mpp_from_metadata(meta: Any) -> float | None:
+    try:
+        pw = meta["pixelCalibration"]["pixelWidth"]
+        unit = str(pw.get("unit", ""))
+        if unit in ("µm", "μm", "um", "microns", "micron"):
+            value = float(pw["value"])
+            return value if value > 0 else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _resolve(
+    uri: str | None,
+    *,
+    remap: Mapping[str, str],
+    previous_project_dir: str | None,
+    project_dir: Path,
+    search: bool,
+) -> tuple[Path | None, str | None]:
+    if uri is None:
+        return None, "the image entry has no URI (unsupported server type)"
+    path_str = uri_to_path_string(uri)
+    if path_str is None:
+        scheme = urlparse(uri).scheme
+        return None, f"image is not a local file ({scheme}: URI {uri}); conic-qp reads local files"
+    tried: list[Path] = []
+    direct = _local(path_str)
+    if direct is not None:
+        tried.append(direct)
+    tried += _apply_remap(path_str, remap)
+    if search:
+        tried += _relative_candidates(path_str, previous_project_dir, project_dir)
+    for cand in tried:
+        if cand.is_file():
+            if cand != direct:
+                log.info("image %s found at %s", path_str, cand)
+            return cand, None
+    hint = "pass --remap OLD_PREFIX=NEW_PREFIX" if not remap else "check the --remap prefixes"
+    n_moved = len(tried) - (1 if direct is not None else 0)
+    return None, f"image file {path_str} not found (also tried {n_moved} moved locations); {hint}"
+
+
+def read_project(
+    path: str | os.PathLike[str],
+    *,
+    remap: Mapping[str, str] | Iterable[str] | None = None,
+    search_relative: bool = True,
+) -> QuPathProject:
+    """Parse a QuPath project (file or folder) and resolve its image files on this machine.
+
+    Raises ConicQPError for a missing, malformed or non-QuPath file; images that cannot be found
+    are returned with ``problem`` set instead.
+    """
+    file = find_project_file(path).resolve()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConicQPError(f"cannot read QuPath project {file}: {exc}") from None
+    if not text.strip():
+        raise ConicQPError(
+            f"QuPath project {file} is empty (a save was interrupted?); restore "
+            f"{file.name}.backup if it exists"
+        )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConicQPError(
+            f"QuPath project {file} is not valid JSON ({exc.msg} at line {exc.lineno}); restore "
+            f"{file.name}.backup or re-save it in QuPath"
+        ) from None
+    if not isinstance(data, dict) or "images" not in data:
+        raise ConicQPError(f"{file} is not a QuPath project (no 'images' list)")
+    images_json = data["images"]
+    if not isinstance(images_json, list):
+        raise ConicQPError(f"{file} is not a QuPath project ('images' is not a list)")
+    remap_map = parse_remap(remap)
+    prev_uri = data.get("uri") if isinstance(data.get("uri"), str) else None
+    prev_dir: str | None = None
+    if prev_uri:
+        prev_file = uri_to_path_string(prev_uri)
+        if prev_file:
+            prev_dir = prev_file.rsplit("/", 1)[0] if "/" in prev_file else None
+
+    images: list[ProjectImage] = []
+    seen_ids: set[str] = set()
+    for i, entry in enumerate(images_json):
+        if not isinstance(entry, dict):
+            raise ConicQPError(f"{file}: image entry {i} is not an object; the project is corrupt")
+        raw_id = entry.get("entryID", entry.get("uniqueName"))
+        if raw_id is None:
+            raise ConicQPError(f"{file}: image entry {i} has no entryID; the project is corrupt")
+        entry_id = str(raw_id)
+        if entry_id in seen_ids:
+            raise ConicQPError(
+                f"{file}: two images share entryID {entry_id}; the project is corrupt"
+            )
+        seen_ids.add(entry_id)
+        builder = entry.get("serverBuilder")
+        if builder is None and isinstance(entry.get("serverPath"), str):
+            builder = {"builderType": "uri", "uri": entry["serverPath"]}
+        uri, outer, inner, n_uris = _primary_uri(builder)
+        meta = (builder or {}).get("metadata") if isinstance(builder, Mapping) else None
+        if not isinstance(meta, Mapping):
+            meta = inner.get("metadata") if isinstance(inner.get("metadata"), Mapping) else {}
+        if n_uris > 1:
+            resolved = None
+            problem: str | None = (
+                f"image is assembled from {n_uris} files ({outer} server); conic-qp needs one file"
+            )
+        else:
+            resolved, problem = _resolve(
+                uri,
+                remap=remap_map,
+                previous_project_dir=prev_dir,
+                project_dir=file.parent,
+                search=search_relative,
+            )
+        if outer not in ("uri", "pyramidize") and problem is None:
+            problem = (
+                f"image uses a '{outer}' server (transformed in QuPath); its coordinates differ "
+                "from the file's, so conic-qp skips it; add the plain image to the project"
+            )
+        name = entry.get("imageName") or (meta.get("name") if meta else None) or f"Image {entry_id}"
+        raw_args = inner.get("args")
+        args: list[Any] = raw_args if isinstance(raw_args, list) else []
+        raw_meta = entry.get("metadata")
+        user_meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+        images.append(
+            ProjectImage(
+                entry_id=entry_id,
+                name=str(name),
+                uri=uri,
+                path=resolved,
+                data_dir=file.parent / "data" / entry_id,
+                problem=problem,
+                builder_type=outer,
+                provider=inner.get("providerClassName"),
+                args=tuple(str(a) for a in args),
+                mpp=_mpp_from_metadata(meta),
+                width=meta.get("width") if meta else None,
+                height=meta.get("height") if meta else None,
+                description=entry.get("description"),
+                metadata={str(k): str(v) for k, v in user_meta.items()},
+            )
+        )
+        if problem:
+            log.debug("project image %s (%s): %s", entry_id, name, problem)
+    bad = [im for im in images if im.problem]
+    if bad:
+        log.warning(
+            "%d of %d images of %s cannot be processed; first: %s",
+            len(bad),
+            len(images),
+            file,
+            bad[0].problem,
+        )
+    ts = data.get("createTimestamp")
+    return QuPathProject(
+        path=file,
+        version=str(data["version"]) if data.get("version") is not None else None,
+        images=tuple(images),
+        previous_uri=prev_uri,
+        create_timestamp=int(ts) if isinstance(ts, int | float) else None,
+    )
+
+
+def detections_path(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
+    """Where conic-qp puts an image's detections for ``groovy/import_conic_qp.groovy``."""
+    return Path(project_dir) / DETECTIONS_DIR / f"{entry_id}.geojson.gz"
+
+
+def regions_path(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
+    """Where ``groovy/export_annotations_geojson.groovy`` puts an image's annotations."""
+    return Path(project_dir) / REGIONS_DIR / f"{entry_id}.geojson"
+
+
+# ------------------------------------------------------------------------------ safety, writing
+
+
+def ensure_project_writable(path: str | os.PathLike[str]) -> Path:
+    """Refuse to write a project that QuPath is saving, that a crash left half-saved, or that is
+    read-only. Returns the project file."""
+    file = find_project_file(path)
+    tmp = file.with_name(file.name + ".tmp")
+    if tmp.exists():
+        raise ConicQPError(
+            f"{tmp} exists: QuPath is saving this project or crashed while saving; close QuPath "
+            "(or delete the .tmp file if QuPath is not running) and retry"
+        )
+    if not os.access(file, os.W_OK) or not os.access(file.parent, os.W_OK):
+        raise ConicQPError(f"QuPath project {file} is read-only; copy it or fix its permissions")
+    return file
+
+
+@contextlib.contextmanager
+def project_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold conic-qp's lock on a project while writing it (one conic-qp writer per project)."""
+    file = ensure_project_writable(path)
+    lock = file.parent / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = lock.read_text(encoding="utf-8").strip()
+        except OSError:
+            owner = "unknown"
+        raise ConicQPError(
+            f"another conic-qp run is writing {file.parent} ({owner}); wait for it, or delete "
+            f"{lock} if that run is dead"
+        ) from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(f"pid={os.getpid()} host={socket.gethostname()} since={time.ctime()}\n")
+    try:
+        yield file
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def backup_file(path: str | os.PathLike[str]) -> Path | None:
+    """Copy ``path`` to ``<name>.bak`` (or ``<name>.<timestamp>.bak`` if that exists).
+
+    Earlier backups are never overwritten: the first ``.bak`` is the user's original. Returns the
+    backup path, or None when ``path`` does not exist.
+    """
+    src = Path(path)
+    if not src.exists():
+        return None
+    dst = src.with_name(src.name + ".bak")
+    if dst.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dst = src.with_name(f"{src.name}.{stamp}.bak")
+        n = 1
+        while dst.exists():
+            dst = src.with_name(f"{src.name}.{stamp}-{n}.bak")
+            n += 1
+    shutil.copy2(src, dst)
+    return dst
+
+
+def _file_uri(p: Path) -> str:
+    """QuPath-style file URI (``file:/abs/path`` with percent-encoding, as Java's File.toURI)."""
+    posix = p.resolve().as_posix()
+    if not posix.startswith("/"):
+        posix = "/" + posix
+    return "file:" + quote(posix, safe="/:@&=+$,;~!*'()-._")
+
+
+def write_project(
+    project_dir: str | os.PathLike[str],
+    image_paths: Sequence[str | os.PathLike[str]],
+    *,
+    names: Sequence[str] | None = None,
+    version: str = "0.5.1",
+    provider: str = BIOFORMATS_PROVIDER,
+    overwrite: bool = False,
+) -> Path:
+    """Create a minimal QuPath project listing ``image_paths`` (for examples and tests).
+
+    Writes only ``project.qpproj`` with what QuPath's loader requires (``version``,
+    ``createTimestamp``, ``modifyTimestamp``, ``uri``, ``lastID``, ``images`` with a ``uri``
+    serverBuilder); QuPath reads the image metadata and creates ``data/<id>/`` on first save.
+    """
+    project_dir = Path(project_dir)
+    file = project_dir / PROJECT_FILE
+    if file.exists() and not overwrite:
+        raise ConicQPError(f"{file} already exists; pass overwrite=True or use another folder")
+    if names is not None and len(names) != len(image_paths):
+        raise ConicQPError("write_project: names and image_paths must have the same length")
+    project_dir.mkdir(parents=True, exist_ok=True)
+    now = int(time.time() * 1000)
+    images = []
+    for i, p in enumerate(image_paths, start=1):
+        img = Path(p)
+        if not img.is_file():
+            raise ConicQPError(f"image {img} does not exist; cannot add it to a project")
+        args = ["--series", "0"] if provider == BIOFORMATS_PROVIDER else []
+        images.append(
+            {
+                "serverBuilder": {
+                    "builderType": "uri",
+                    "providerClassName": provider,
+                    "uri": _file_uri(img),
+                    "args": args,
+                },
+                "entryID": i,
+                "randomizedName": str(uuid.uuid4()),
+                "imageName": names[i - 1] if names is not None else img.name,
+                "metadata": {},
+            }
+        )
+    data = {
+        "version": version,
+        "createTimestamp": now,
+        "modifyTimestamp": now,
+        "uri": _file_uri(file),
+        "lastID": len(images),
+        "images": images,
+    }
+    if file.exists():
+        backup_file(file)
+    write_json_atomic(file, data)
+    return file

@@ -1,0 +1,407 @@
+"""QuPath GeoJSON: write nucleus tables as detections/cells, read annotations back as regions.
+
+Rules, checked against QuPath 0.5.1's own reader and writer (``shared/data/qupath/geojson``) and
+valid for QuPath 0.4-0.7:
+
+- a ``FeatureCollection``; every Feature has a UUID ``id`` (non-UUID ids are silently replaced);
+- ``properties.objectType`` is ``"detection"`` or ``"cell"``; for cells ``nucleusGeometry`` sits
+  beside ``geometry`` at the Feature level, never inside ``properties``;
+- ``properties.classification`` is ``{"name", "color": [r, g, b]}``; a classification without a
+  colour makes QuPath reject the WHOLE file;
+- ``properties.measurements`` is a flat dict of finite numbers (booleans are dropped by QuPath,
+  NaN is stored as the string "NaN": conic-qp simply leaves non-finite values out);
+- ``isLocked`` is omitted (QuPath itself omits it when false);
+- coordinates are level-0 pixels with 2 decimals; ``.geojson.gz`` is read by QuPath directly and
+  by the bundled Groovy import script.
+
+Every feature also carries the measurement :data:`MARKER` so that ``import_conic_qp.groovy`` can
+remove the previous conic-qp detections before adding new ones (idempotent re-runs).
+"""
+
+from __future__ import annotations
+
+import gzip as gzip_mod
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+import pandas as pd
+import shapely
+from shapely.geometry import shape
+
+from conic_qp.classes import ClassScheme
+from conic_qp.errors import ConicQPError
+from conic_qp.objects import prob_column
+from conic_qp.sinks import atomic_open
+
+log = logging.getLogger(__name__)
+
+#: Measurement present on every conic-qp object; the Groovy import script removes objects that
+#: have it. Its value is the GeoJSON format version.
+MARKER = "conic-qp"
+MARKER_VERSION = 1.0
+
+#: Table column -> QuPath measurement name (QuPath's own cell-detection naming).
+MEASUREMENT_NAMES: dict[str, str] = {
+    "area_um2": "Nucleus: Area µm^2",
+    "perimeter_um": "Nucleus: Perimeter µm",
+    "solidity": "Nucleus: Solidity",
+    "eccentricity": "Nucleus: Eccentricity",
+    "class_prob": "Class probability",
+}
+
+ObjectType = Literal["detection", "cell"]
+_CHUNK = 2000  # features per write call: bounded memory, few syscalls
+
+
+def probability_measurement(class_name: str) -> str:
+    """QuPath measurement name of the probability of ``class_name``."""
+    return f"Probability: {class_name}"
+
+
+def _ring_json(coords: np.ndarray) -> str:
+    """``[[x,y],...]`` with 2 decimals and the ring closed."""
+    c = np.round(np.asarray(coords, dtype=np.float64), 2)
+    if len(c) and not np.array_equal(c[0], c[-1]):
+        c = np.vstack([c, c[:1]])
+    return json.dumps(c.tolist(), separators=(",", ":"))
+
+
+def _polygon_json(geom: shapely.Geometry) -> str | None:
+    """GeoJSON geometry string of a (Multi)Polygon, 2 decimals, closed rings; None if empty."""
+    if geom is None or geom.is_empty:
+        return None
+    if isinstance(geom, shapely.Polygon):
+        rings = [geom.exterior, *geom.interiors]
+        body = ",".join(_ring_json(np.asarray(r.coords)) for r in rings)
+        return f'{{"type":"Polygon","coordinates":[{body}]}}'
+    if isinstance(geom, shapely.MultiPolygon):
+        polys = []
+        for p in geom.geoms:
+            rings = [p.exterior, *p.interiors]
+            polys.append("[" + ",".join(_ring_json(np.asarray(r.coords)) for r in rings) + "]")
+        return f'{{"type":"MultiPolygon","coordinates":[{",".join(polys)}]}}'
+    raise ConicQPError(f"nucleus outline is a {geom.geom_type}, expected a Polygon")
+
+
+def _color_of(classes: ClassScheme) -> dict[str, list[int]]:
+    return {c.name: [int(v) for v in c.color] for c in classes}
+
+
+def iter_features(
+    table: pd.DataFrame,
+    classes: ClassScheme,
+    *,
+    object_type: ObjectType = "detection",
+    cell_expansion: float = 0.0,
+) -> Iterator[str]:
+    """Yield one compact JSON string per nucleus (a QuPath-readable GeoJSON Feature).
+
+    Parameters
+    ----------
+    table : nucleus table (:func:`conic_qp.objects.instances_to_table`).
+    object_type : ``"detection"`` (nucleus outline) or ``"cell"`` (cell outline + nucleus).
+    cell_expansion : for cells, level-0 px by which the nucleus is dilated to make the cell
+        outline (0: cell = nucleus). Neighbouring cells may overlap; QuPath accepts that.
+    """
+    if object_type not in ("detection", "cell"):
+        raise ConicQPError(f"object_type must be 'detection' or 'cell', got {object_type!r}")
+    missing = [c for c in ("id", "class_name", "polygon_wkb") if c not in table.columns]
+    if missing:
+        raise ConicQPError(f"nucleus table lacks columns {missing}; make it with conic_qp.objects")
+    colors = _color_of(classes)
+    unknown = sorted(set(table["class_name"].astype(str)) - set(colors))
+    if unknown:
+        raise ConicQPError(
+            f"nucleus table has classes {unknown} that scheme {classes.name!r} does not define; "
+            "use the scheme of the model that made the table"
+        )
+    meas_cols = [(col, name) for col, name in MEASUREMENT_NAMES.items() if col in table.columns]
+    meas_cols += [
+        (prob_column(n), probability_measurement(n))
+        for n in classes.names
+        if prob_column(n) in table.columns
+    ]
+    class_json = {
+        name: json.dumps({"name": name, "color": rgb}, separators=(",", ":"), ensure_ascii=False)
+        for name, rgb in colors.items()
+    }
+    meas_keys = [json.dumps(name, ensure_ascii=False) for _, name in meas_cols]
+    marker = f"{json.dumps(MARKER)}:{MARKER_VERSION!r}"
+    # One %-format per feature (C speed) when all its measurements are finite.
+    meas_format = ",".join([marker] + [f"{k.replace('%', '%%')}:%r" for k in meas_keys])
+    ids = table["id"].astype(str).tolist()
+    cnames = table["class_name"].astype(str).tolist()
+    wkb = table["polygon_wkb"].to_numpy()
+    for lo in range(0, len(table), _CHUNK):
+        hi = min(lo + _CHUNK, len(table))
+        geoms = shapely.from_wkb(wkb[lo:hi])
+        nuclei = _polygons_json(geoms)
+        cells = nuclei
+        if object_type == "cell" and cell_expansion > 0:
+            cells = _polygons_json(shapely.buffer(geoms, cell_expansion))
+        values = (
+            np.column_stack([table[col].to_numpy(dtype=np.float64)[lo:hi] for col, _ in meas_cols])
+            if meas_cols
+            else np.zeros((hi - lo, 0))
+        )
+        values = _round_significant(values, 7)
+        finite = np.all(np.isfinite(values), axis=1, keepdims=False).reshape(-1)
+        rows: list[list[float]] = values.tolist()
+        for j in range(hi - lo):
+            i = lo + j
+            nucleus = nuclei[j]
+            if nucleus is None:
+                log.debug("skipping nucleus %s with an empty outline", ids[i])
+                continue
+            if finite[j]:
+                meas = meas_format % tuple(rows[j])
+            else:
+                meas = ",".join(
+                    [marker]
+                    + [
+                        f"{k}:{v!r}"
+                        for k, v in zip(meas_keys, rows[j], strict=True)
+                        if math.isfinite(v)
+                    ]
+                )
+            props = (
+                f'{{"objectType":"{object_type}","classification":{class_json[cnames[i]]},'
+                f'"measurements":{{{meas}}}}}'
+            )
+            if object_type == "cell":
+                yield (
+                    f'{{"type":"Feature","id":"{ids[i]}","geometry":{cells[j]},'
+                    f'"nucleusGeometry":{nucleus},"properties":{props}}}'
+                )
+            else:
+                yield (
+                    f'{{"type":"Feature","id":"{ids[i]}","geometry":{nucleus},'
+                    f'"properties":{props}}}'
+                )
+
+
+def _round_significant(values: np.ndarray, digits: int) -> np.ndarray:
+    """Round to ``digits`` significant digits: short JSON text, and nothing is lost that QuPath
+    keeps (it stores detection measurements as float32, about 7 digits)."""
+    ok = np.isfinite(values) & (values != 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        exponent = np.floor(np.log10(np.abs(np.where(ok, values, 1.0))))
+        factor = 10.0 ** (digits - 1 - exponent)
+        return np.where(ok, np.round(values * factor) / factor, values)
+
+
+def _polygons_json(geoms: np.ndarray) -> list[str | None]:
+    """GeoJSON strings of many polygons; simple polygons (no holes) are formatted in bulk."""
+    out: list[str | None] = [None] * len(geoms)
+    simple = (
+        (shapely.get_type_id(geoms) == 3)
+        & (shapely.get_num_interior_rings(geoms) == 0)
+        & ~shapely.is_empty(geoms)
+    )
+    idx = np.flatnonzero(simple)
+    if idx.size:
+        coords, which = shapely.get_coordinates(geoms[idx], return_index=True)
+        verts = ["[%r,%r]" % (x, y) for x, y in np.round(coords, 2).tolist()]  # noqa: UP031
+        bounds = np.searchsorted(which, np.arange(idx.size + 1)).tolist()
+        for j, gi in enumerate(idx.tolist()):
+            ring = ",".join(verts[bounds[j] : bounds[j + 1]])
+            out[gi] = f'{{"type":"Polygon","coordinates":[[{ring}]]}}'
+    for gi in np.flatnonzero(~simple).tolist():
+        out[gi] = _polygon_json(geoms[gi])
+    return out
+
+
+def write_geojson(
+    table: pd.DataFrame,
+    path: str | os.PathLike[str],
+    classes: ClassScheme,
+    object_type: ObjectType = "detection",
+    gzip: bool | None = None,
+    *,
+    cell_expansion: float = 0.0,
+    compresslevel: int = 6,
+) -> Path:
+    """Write a nucleus table as a QuPath FeatureCollection, streamed and atomically.
+
+    ``gzip=None`` compresses when the name ends with ``.gz``. Features are serialised one by
+    one and written in chunks, so memory stays bounded for millions of nuclei; the file appears
+    under its final name only when complete. Returns the path written.
+    """
+    path = Path(path)
+    if gzip is None:
+        gzip = path.name.lower().endswith(".gz")
+    features = iter_features(table, classes, object_type=object_type, cell_expansion=cell_expansion)
+    n = 0
+    with atomic_open(path, "wb") as raw:
+        sink: IO[bytes] | gzip_mod.GzipFile = raw
+        if gzip:
+            sink = gzip_mod.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0)
+        try:
+            sink.write(b'{"type":"FeatureCollection","features":[\n')
+            chunk: list[str] = []
+            for feat in features:
+                chunk.append(feat)
+                n += 1
+                if len(chunk) >= _CHUNK:
+                    sink.write(((",\n" if n > len(chunk) else "") + ",\n".join(chunk)).encode())
+                    chunk = []
+            if chunk:
+                sink.write(((",\n" if n > len(chunk) else "") + ",\n".join(chunk)).encode())
+            sink.write(b"\n]}\n")
+        finally:
+            if sink is not raw:
+                sink.close()
+    log.info("wrote %d %ss to %s", n, object_type, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(2)
+        opener = gzip_mod.open if head == b"\x1f\x8b" else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ConicQPError(f"GeoJSON file {path} does not exist; check the path") from None
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConicQPError(
+            f"cannot read GeoJSON {path}: {exc}; export it again from QuPath "
+            "(File > Export objects as GeoJSON) or groovy/export_annotations_geojson.groovy"
+        ) from None
+
+
+def read_geojson(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Features of a GeoJSON file (plain or gzip): FeatureCollection, Feature list or one Feature.
+
+    A bare geometry is returned as a Feature without properties (QuPath makes it an annotation).
+    """
+    path = Path(path)
+    data = _load_json(path)
+    items = data if isinstance(data, list) else [data]
+    features: list[dict[str, Any]] = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise ConicQPError(f"{path}: expected GeoJSON objects, found {type(item).__name__}")
+        kind = item.get("type")
+        if kind == "FeatureCollection":
+            feats = item.get("features")
+            if not isinstance(feats, list):
+                raise ConicQPError(f"{path}: FeatureCollection without a 'features' list")
+            features.extend(dict(f) for f in feats if isinstance(f, Mapping))
+        elif kind == "Feature":
+            features.append(dict(item))
+        elif kind in _GEOMETRY_TYPES:
+            features.append({"type": "Feature", "geometry": dict(item), "properties": {}})
+        else:
+            raise ConicQPError(
+                f"{path}: not GeoJSON (top-level type {kind!r}); expected a FeatureCollection"
+            )
+    return features
+
+
+_GEOMETRY_TYPES = {
+    "Point",
+    "MultiPoint",
+    "LineString",
+    "MultiLineString",
+    "Polygon",
+    "MultiPolygon",
+    "GeometryCollection",
+}
+
+
+@dataclass(frozen=True)
+class Region:
+    """A region of interest (e.g. a QuPath annotation) in level-0 pixel coordinates."""
+
+    geometry: shapely.Geometry
+    name: str | None = None
+    class_name: str | None = None
+    id: str | None = None
+    properties: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        """Human-readable label for tables: name, else class, else id."""
+        return self.name or self.class_name or self.id or "region"
+
+
+def _classification_name(props: Mapping[str, Any]) -> str | None:
+    cls = props.get("classification")
+    if isinstance(cls, str):
+        return cls
+    if isinstance(cls, Mapping):
+        if isinstance(cls.get("name"), str):
+            return str(cls["name"])
+        names = cls.get("names")
+        if isinstance(names, list) and names:
+            return ": ".join(str(n) for n in names)  # QuPath's derived-class notation
+    return None
+
+
+def read_regions(path: str | os.PathLike[str]) -> list[Region]:
+    """Polygon regions (QuPath annotations) of a GeoJSON file, as shapely geometries.
+
+    Only area features count: Polygon/MultiPolygon (holes kept) and the polygonal parts of
+    GeometryCollections. Detections and cells are skipped (they are results, not regions), as are
+    points and lines. Invalid polygons (self-intersections from hand drawing) are repaired.
+    """
+    path = Path(path)
+    regions: list[Region] = []
+    skipped: dict[str, int] = {}
+    for i, feat in enumerate(read_geojson(path)):
+        props = feat.get("properties") or {}
+        if not isinstance(props, Mapping):
+            props = {}
+        otype = str(props.get("objectType", props.get("object_type", "annotation"))).lower()
+        if otype not in ("annotation", "tma_core", "tmacore"):
+            skipped[otype] = skipped.get(otype, 0) + 1
+            continue
+        gj = feat.get("geometry")
+        if not isinstance(gj, Mapping):
+            skipped["no geometry"] = skipped.get("no geometry", 0) + 1
+            continue
+        try:
+            geom = shape(gj)
+        except Exception as exc:  # shapely raises several types for bad coordinates
+            raise ConicQPError(f"{path}: feature {i} has a malformed geometry ({exc})") from None
+        if not geom.is_valid:
+            geom = shapely.make_valid(geom)
+        if not isinstance(geom, shapely.Polygon | shapely.MultiPolygon):
+            polys = [
+                p
+                for g in getattr(geom, "geoms", [geom])
+                for p in (g.geoms if isinstance(g, shapely.MultiPolygon) else [g])
+                if isinstance(p, shapely.Polygon) and not p.is_empty
+            ]
+            if not polys:
+                skipped[geom.geom_type] = skipped.get(geom.geom_type, 0) + 1
+                continue
+            geom = polys[0] if len(polys) == 1 else shapely.MultiPolygon(polys)
+        if geom.is_empty:
+            continue
+        name = props.get("name")
+        fid = feat.get("id")
+        regions.append(
+            Region(
+                geometry=geom,
+                name=str(name) if name is not None else None,
+                class_name=_classification_name(props),
+                id=str(fid) if fid is not None else None,
+                properties=dict(props),
+            )
+        )
+    if skipped:
+        log.info("%s: skipped non-region features %s", path, skipped)
+    return regions

@@ -1,0 +1,1 @@
+conic_qp/groovy

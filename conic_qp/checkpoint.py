@@ -1,0 +1,368 @@
+"""Model checkpoints: one folder holding the weights, the architecture and what the model means.
+
+::
+
+    my-model/
+      weights.safetensors   ConicNet state dict (fp32, or fp16 with ``half=True``)
+      config.json           format + version, ModelConfig, ClassScheme, um/px, provenance
+      thresholds.json       post-processing thresholds (optional; PostprocessParams JSON)
+
+The class list and the resolution live here, never in the pipeline. A checkpoint is written into a
+temporary folder beside the target and renamed, so readers never see half a checkpoint and an
+existing one is only replaced once the new one is complete. Thresholds are kept as a plain dict:
+``conic_qp.postprocess.PostprocessParams.from_json`` turns them into parameters.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from conic_qp.classes import ClassScheme
+from conic_qp.errors import ConicQPError
+from conic_qp.model import ConicNet, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "conic-qp-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+THRESHOLDS_FILE = "thresholds.json"
+
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the network (eval mode) and everything needed to use its output."""
+
+    model: ConicNet
+    config: ModelConfig
+    classes: ClassScheme
+    mpp: float
+    thresholds: dict[str, Any] | None
+    path: Path
+    training: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: ConicNet,
+    classes: ClassScheme,
+    mpp: float,
+    thresholds: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write ``model`` as a checkpoint folder at ``path``, atomically.
+
+    Parameters
+    ----------
+    path : the checkpoint folder; an existing checkpoint there is replaced, anything else is
+        refused so user data is never deleted.
+    model : the network; its ``config`` is stored as the architecture.
+    classes : the class scheme; must have ``model.config.n_classes`` classes.
+    mpp : micrometres per pixel the model works at (0.5 for CoNIC models).
+    thresholds : post-processing thresholds (``PostprocessParams.to_json()``).
+    training : free-form provenance (steps, data split, metrics...), must be JSON-serialisable.
+    half : store floating-point tensors as fp16 (half the size; loaded back as fp32).
+
+    Returns
+    -------
+    Path : the checkpoint folder.
+    """
+    target = Path(path)
+    # Unwrap DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers.
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, ConicNet):
+            model = inner
+    if not isinstance(model, ConicNet):
+        raise ConicQPError(f"save_checkpoint needs a ConicNet, got {type(model).__name__}")
+    if classes.n_classes != model.config.n_classes:
+        raise ConicQPError(
+            f"class scheme {classes.name!r} has {classes.n_classes} classes but the model predicts "
+            f"{model.config.n_classes}; save with the scheme the model was trained for"
+        )
+    mpp = _check_mpp(mpp, "mpp")
+    if target.exists() and not target.is_dir():
+        raise ConicQPError(f"{str(target)!r} exists and is not a folder; choose another path")
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
+        raise ConicQPError(
+            f"{str(target)!r} is a non-empty folder that is not a conic-qp checkpoint; refusing "
+            "to replace it, choose another path"
+        )
+
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_json(),
+        "classes": classes.to_json(),
+        "mpp": mpp,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "conic_qp_version": _package_version(),
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "weights_dtype": "float16" if half else "float32",
+    }
+    if training is not None:
+        config["training"] = dict(training)
+    _dumps(config, "checkpoint config (training info)")  # fail before writing anything
+    thresholds_text = _dumps(dict(thresholds), "thresholds") if thresholds is not None else None
+    tensors = _state_for_storage(model, half)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        config["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
+        (tmp / CONFIG_FILE).write_text(_dumps(config, "checkpoint config"), encoding="utf-8")
+        if thresholds_text is not None:
+            (tmp / THRESHOLDS_FILE).write_text(thresholds_text, encoding="utf-8")
+        _replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved checkpoint %s (%s)", target, config["weights_dtype"])
+    return target
+
+
+def read_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a checkpoint's config.json without touching the weights.
+
+    Returns the raw dict; ``ModelConfig.from_json(cfg["model"])`` and
+    ``ClassScheme.from_json(cfg["classes"])`` give the typed parts.
+    """
+    folder = _checkpoint_folder(path)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConicQPError(
+            f"{str(folder)!r} has no {CONFIG_FILE}; it is not a conic-qp checkpoint folder"
+        )
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConicQPError(
+            f"{str(config_path)!r} is not valid JSON ({exc}); re-save the checkpoint"
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ConicQPError(
+            f"{str(config_path)!r} is not a conic-qp checkpoint config (format {found!r}, "
+            f"expected {FORMAT!r})"
+        )
+    version = data.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConicQPError(f"{str(config_path)!r} has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise ConicQPError(
+            f"checkpoint {str(folder)!r} has format version {version}, newer than this conic-qp "
+            f"reads ({FORMAT_VERSION}); upgrade conic-qp"
+        )
+    if version < 1:
+        raise ConicQPError(f"checkpoint {str(folder)!r} has invalid format version {version}")
+    for key in ("model", "classes", "mpp"):
+        if key not in data:
+            raise ConicQPError(f"{str(config_path)!r} lacks {key!r}; re-save the checkpoint")
+    _check_mpp(data["mpp"], f"{config_path} mpp")
+    return data
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint folder; the model is returned in eval mode on ``device``."""
+    folder = _checkpoint_folder(path)
+    data = read_checkpoint_config(folder)
+    try:
+        config = ModelConfig.from_json(data["model"])
+        classes = ClassScheme.from_json(data["classes"])
+    except ConicQPError as exc:
+        raise ConicQPError(f"checkpoint {str(folder)!r}: {exc}") from exc
+    if classes.n_classes != config.n_classes:
+        raise ConicQPError(
+            f"checkpoint {str(folder)!r} declares {classes.n_classes} classes but its model "
+            f"predicts {config.n_classes}; the checkpoint is inconsistent, re-save it"
+        )
+    thresholds = _read_thresholds(folder)
+    training = data.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise ConicQPError(f"{str(folder / CONFIG_FILE)!r}: 'training' must be a JSON object")
+
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ConicQPError(f"checkpoint {str(folder)!r} has no {WEIGHTS_FILE}; copy it again")
+    expected = data.get("weights_sha256")
+    if isinstance(expected, str) and _sha256(weights_path) != expected:
+        raise ConicQPError(
+            f"weights {str(weights_path)!r} do not match the checksum in {CONFIG_FILE} (corrupt, "
+            "truncated or replaced); copy the checkpoint again"
+        )
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConicQPError(
+            f"weights {str(weights_path)!r} are corrupt or truncated ({_short(exc)}); copy the "
+            "checkpoint again"
+        ) from exc
+
+    model = ConicNet(config, load_pretrained=False)
+    _load_state(model, state, config, weights_path)
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ConicQPError(
+            f"cannot put the model on device {str(device)!r} ({_short(exc)}); choose an available "
+            "device, e.g. cpu"
+        ) from exc
+    model.eval()
+    meta = {k: v for k, v in data.items() if k not in {"model", "classes", "mpp", "training"}}
+    return Checkpoint(
+        model=model,
+        config=config,
+        classes=classes,
+        mpp=float(data["mpp"]),
+        thresholds=thresholds,
+        path=folder,
+        training=training,
+        meta=meta,
+    )
+
+
+def _checkpoint_folder(path: str | os.PathLike[str]) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise ConicQPError(f"checkpoint {str(folder)!r} does not exist; check the path")
+    if not folder.is_dir():
+        raise ConicQPError(
+            f"checkpoint {str(folder)!r} is not a folder; a checkpoint is a folder with "
+            f"{WEIGHTS_FILE} and {CONFIG_FILE}"
+        )
+    return folder
+
+
+def _read_thresholds(folder: Path) -> dict[str, Any] | None:
+    p = folder / THRESHOLDS_FILE
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConicQPError(f"{str(p)!r} is not valid JSON ({exc}); re-tune or delete it") from exc
+    if not isinstance(data, dict):
+        raise ConicQPError(f"{str(p)!r} must hold a JSON object of thresholds")
+    return data
+
+
+def _state_for_storage(model: ConicNet, half: bool) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        t = value.detach().to("cpu")
+        if half and t.is_floating_point():
+            finite = t[torch.isfinite(t)]
+            if finite.numel() and float(finite.abs().max()) > _FP16_MAX:
+                raise ConicQPError(
+                    f"tensor {key} has values beyond the float16 range; save with half=False"
+                )
+            t = t.to(torch.float16)
+        # clone: safetensors refuses tensors that share storage (e.g. views of one buffer).
+        state[key] = t.contiguous().clone()
+    return state
+
+
+def _load_state(
+    model: ConicNet, state: dict[str, torch.Tensor], config: ModelConfig, weights_path: Path
+) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[0]})")
+        raise ConicQPError(
+            f"weights {str(weights_path)!r} do not match the architecture config.json declares "
+            f"(encoder {config.encoder}, {config.n_classes} classes, decoder "
+            f"{list(config.decoder_channels)}): {'; '.join(parts)}; use the weights saved with "
+            "this config"
+        )
+    # Stored fp16 tensors come back in the model's dtypes (fp32).
+    converted = {k: v.to(own[k].dtype) for k, v in state.items()}
+    model.load_state_dict(converted, strict=True)
+
+
+def _replace_folder(tmp: Path, target: Path) -> None:
+    """Move a complete temporary folder to ``target``, replacing an old checkpoint safely."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)  # put the previous checkpoint back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_mpp(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConicQPError(f"{what} must be a number of micrometres per pixel, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ConicQPError(f"{what} must be a positive number of micrometres per pixel, got {v}")
+    return v
+
+
+def _dumps(data: Any, what: str) -> str:
+    try:
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise ConicQPError(
+            f"{what} is not JSON-serialisable ({exc}); use plain numbers, strings, lists, dicts"
+        ) from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_version() -> str:
+    from conic_qp import __version__
+
+    return __version__
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conic_qp.checkpoint import load_checkpoint
+from conic_qp.errors import ConicQPError
+from conic_qp.synthetic import synthetic_dataset
+from conic_qp.train.config import TrainConfig, load_config
+from conic_qp.train.data import save_conic_patches
+from conic_qp.train.loop import prepare_data, train
+
+TINY = "mobilenetv3_small_050"
+
+
+@pytest.fixture(scope="module")
+def conic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images, labels = synthetic_dataset(10, size=64, seed=1, n_classes=6)
+    folder = tmp_path_factory.mktemp("conic")
+    save_conic_patches(folder, images, labels)
+    return folder
+
+
+def _config(folder: Path, out: Path, **over: str) -> TrainConfig:
+    sets = [
+        f"out={out}",
+        f"data.train=[{{format: conic, path: '{folder}'}}]",
+        "data.tile_size=64",
+        "data.n_val=3",
+        "model.encoder=" + TINY,
+        "model.pretrained=false",
+        "model.decoder_channels=[32, 16, 16, 8, 8]",
+        "model.encoder_drop_path=0.0",
+        "optim.steps=4",
+        "optim.batch_size=2",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "validation.every=2",
+        "log_every=1",
+        "workers=0",
+        "device=cpu",
+    ]
+    sets += [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, sets)
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = TrainConfig()
+    assert cfg.optim.batch_size == 4 and cfg.optim.steps == 600_000
+    assert cfg.optim.weight_decay == 1e-4
+    assert cfg.balance.rho == 3 and cfg.balance.label_smoothing == 0.05
+    assert cfg.balance.importance_sampling and cfg.balance.loss_weighting
+    assert cfg.model.decoder_dropout == 0.2 and cfg.data.n_val == 500 and cfg.data.mpp == 0.5
+
+
+def test_yaml_round_trip_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(TrainConfig().to_yaml())
+    cfg = load_config(
+        path, ["optim.lr=3e-4", "balance.importance_sampling=false", "augment.hed_p=0.1"]
+    )
+    assert cfg.optim.lr == 3e-4 and not cfg.balance.importance_sampling
+    assert cfg.augment.hed_p == 0.1 and isinstance(cfg.augment.zoom, tuple)
+    with pytest.raises(ConicQPError, match="unknown key"):
+        load_config(path, ["optim.lrr=1"])
+    with pytest.raises(ConicQPError, match=r"section\.key=value"):
+        load_config(path, ["optim.lr"])
+
+
+def test_short_run_trains_validates_and_resumes(conic_folder: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    cfg = _config(conic_folder, out)
+    events: list[str] = []
+    result = train(cfg, on_event=lambda kind, info: events.append(kind))
+    assert result.steps == 4
+    assert events[0] == "start" and events[-1] == "end" and events.count("validation") == 2
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    vals = [float(r["val_mpq_plus"]) for r in rows if r["val_mpq_plus"]]
+    assert len(vals) == 2 and all(0.0 <= v <= 1.0 for v in vals)
+    best = load_checkpoint(out / "best")
+    assert best.classes.n_classes == 6 and best.mpp == 0.5
+    assert best.thresholds is not None and best.training is not None
+    # A second run into the same folder is refused unless resumed.
+    with pytest.raises(ConicQPError, match="--resume"):
+        train(cfg)
+    resumed = train(_config(conic_folder, out, **{"optim.steps": "6"}), resume=True)
+    assert resumed.steps == 6
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r["loss"]][-2:] == [5, 6]
+
+
+def test_loss_falls_on_a_fixed_batch(conic_folder: Path, tmp_path: Path) -> None:
+    # No augmentation, one tile repeated: a working loop must overfit it.
+    torch.set_num_threads(1)
+    cfg = _config(
+        conic_folder,
+        tmp_path / "fit",
+        **{
+            "optim.steps": "30",
+            "validation.every": "1000",
+            "data.split": "random",
+            "data.n_val": "9",
+            "augment.hed_p": "0",
+            "augment.jitter_p": "0",
+            "augment.blur_p": "0",
+            "augment.noise_p": "0",
+            "augment.flip_p": "0",
+            "augment.rot90": "false",
+            "augment.rotate_p": "0",
+            "augment.zoom_p": "0",
+            "augment.scale_p": "0",
+            "augment.shear_p": "0",
+            "augment.translate_p": "0",
+            "augment.elastic_p": "0",
+            "model.decoder_dropout": "0.0",
+        },
+    )
+    train(cfg)
+    rows = [r for r in csv.DictReader((tmp_path / "fit" / "metrics.csv").open()) if r["loss"]]
+    first = np.mean([float(r["loss"]) for r in rows[:5]])
+    last = np.mean([float(r["loss"]) for r in rows[-5:]])
+    assert last < 0.7 * first
+
+
+def test_bad_data_fails_before_training(tmp_path: Path, conic_folder: Path) -> None:
+    with pytest.raises(ConicQPError, match="does not exist"):
+        prepare_data(_config(tmp_path / "missing", tmp_path / "o"))
+    with pytest.raises(ConicQPError, match="no training data"):
+        prepare_data(load_config(None, ["data.train=[]"]))
+    # Labels outside the class list.
+    images, labels = synthetic_dataset(4, size=64, seed=2, n_classes=6)
+    labels[0, labels[0, ..., 0] > 0, 1] = 9
+    bad = tmp_path / "bad"
+    save_conic_patches(bad, images, labels)
+    with pytest.raises(ConicQPError, match="class"):
+        prepare_data(_config(bad, tmp_path / "o2"))
+    # Mismatched images / labels.
+    mism = tmp_path / "mism"
+    save_conic_patches(mism, images, labels)
+    np.save(mism / "labels.npy", np.zeros((3, 64, 64, 2), np.int32))
+    with pytest.raises(ConicQPError):
+        prepare_data(_config(mism, tmp_path / "o3"))
+    # An empty split.
+    with pytest.raises(ConicQPError, match=r"split|centre"):
+        prepare_data(_config(conic_folder, tmp_path / "o4", **{"data.split": "centre:nowhere"}))

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conic_qp.checkpoint import save_checkpoint
+from conic_qp.classes import CONIC
+from conic_qp.cli import main
+from conic_qp.errors import ConicQPError
+from conic_qp.model import ConicNet, ModelConfig
+from conic_qp.postprocess import PostprocessParams
+from conic_qp.synthetic import synthetic_dataset
+from conic_qp.targets import three_label_map
+from conic_qp.train.data import save_conic_patches
+from conic_qp.train.tune import TuneGrid, tune_thresholds, write_thresholds
+
+GRID = TuneGrid(
+    fg=(0.3, 0.5),
+    seed=(0.4, 0.7),
+    min_size=(0, 10),
+    max_size=(None,),
+    min_solidity=(0.0, 0.7),
+    rounds=1,
+)
+
+
+def _weak_probabilities(
+    labels: np.ndarray, n_classes: int, strength: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Probabilities that are right but unsure: interior probability only ``strength``."""
+    out = []
+    for lab in labels:
+        tl = three_label_map(lab[..., 0])
+        three = np.zeros((3, *tl.shape), np.float32)
+        three[0] = np.where(tl == 0, 1.0, 1 - strength)
+        three[1] = np.where(tl == 1, strength, 0.0)
+        three[2] = np.where(tl == 2, strength, 0.0)
+        three /= three.sum(0, keepdims=True)
+        sem = np.zeros((n_classes + 1, *tl.shape), np.float32)
+        for c in range(n_classes + 1):
+            sem[c] = lab[..., 1] == c
+        out.append((sem, three))
+    return out
+
+
+def test_tuning_finds_thresholds_that_detect_unsure_nuclei() -> None:
+    _, labels = synthetic_dataset(3, size=64, seed=4, n_classes=3)
+    probs = _weak_probabilities(labels, 3, strength=0.55)
+    start = PostprocessParams.uniform(3, fg=0.5, seed=0.7, min_size=0, min_solidity=0.0)
+    result = tune_thresholds(probs, labels, ["a", "b", "c"], task=1, grid=GRID, start=start)
+    assert result.start_score < 0.2  # the default seed threshold finds nothing
+    assert result.score > 0.8
+    assert all(c.seed <= 0.55 for c in result.params.classes)
+    r2 = tune_thresholds(probs, labels, ["a", "b", "c"], task=2, grid=GRID, start=start)
+    assert r2.score >= r2.start_score
+
+
+def test_tune_rejects_bad_input() -> None:
+    _, labels = synthetic_dataset(2, size=64, seed=4, n_classes=3)
+    probs = _weak_probabilities(labels, 3, 0.9)
+    with pytest.raises(ConicQPError, match="task"):
+        tune_thresholds(probs, labels, ["a", "b", "c"], task=3)
+    with pytest.raises(ConicQPError, match="predictions"):
+        tune_thresholds(probs[:1], labels, ["a", "b", "c"])
+
+
+def test_tune_cli_writes_thresholds_into_the_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ConicNet(ModelConfig("test_efficientnet", 6, decoder_channels=(32, 16, 16, 8, 8)))
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", model, CONIC, 0.5, PostprocessParams.default(6).to_json()
+    )
+    images, labels = synthetic_dataset(2, size=64, seed=5, n_classes=6)
+    data = tmp_path / "val"
+    save_conic_patches(data, images, labels)
+    res = CliRunner().invoke(
+        main,
+        [
+            "tune",
+            "--model",
+            str(ckpt),
+            "--data",
+            f"conic:{data}",
+            "--device",
+            "cpu",
+            "--task",
+            "both",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    t1 = PostprocessParams.from_json(json.loads((ckpt / "thresholds.json").read_text()))
+    t2 = PostprocessParams.from_json(json.loads((ckpt / "thresholds_task2.json").read_text()))
+    assert t1.n_classes == 6 and t2.n_classes == 6
+    assert (ckpt / "thresholds.json.bak").exists()
+    bad = CliRunner().invoke(main, ["tune", "--model", str(ckpt), "--data", "nope"])
+    assert bad.exit_code == 2 and "FORMAT:PATH" in bad.output
+
+
+def test_write_thresholds_refuses_non_checkpoint(tmp_path: Path) -> None:
+    _, labels = synthetic_dataset(1, size=64, seed=4, n_classes=3)
+    result = tune_thresholds(
+        _weak_probabilities(labels, 3, 0.9), labels, ["a", "b", "c"], grid=GRID
+    )
+    with pytest.raises(ConicQPError, match="checkpoint"):
+        write_thresholds(tmp_path, result)
+
+
+def test_agnostic_ablation_tunes_the_shared_threshold() -> None:
+    import dataclasses
+
+    _, labels = synthetic_dataset(2, size=64, seed=4, n_classes=3)
+    probs = _weak_probabilities(labels, 3, strength=0.55)
+    start = dataclasses.replace(
+        PostprocessParams.uniform(3, fg=0.5, seed=0.7, min_size=0, min_solidity=0.0),
+        class_specific_seed=False,
+        class_specific_fg=False,
+    )
+    result = tune_thresholds(probs, labels, ["a", "b", "c"], grid=GRID, start=start)
+    assert result.params.agnostic_seed <= 0.55 and result.score > 0.8
+    assert not result.params.class_specific_seed

@@ -49,25 +49,79 @@ def main(verbose: int, log_file: str | None) -> None:
 
 
 @main.command("evaluate")
-@click.option("--pred", "pred_path", required=True, metavar="P.npy", help="Predicted labels.")
-@click.option("--true", "true_path", required=True, metavar="T.npy", help="Ground-truth labels.")
+@click.option("--pred", "pred_path", default=None, metavar="P.npy", help="Predicted labels.")
+@click.option("--true", "true_path", default=None, metavar="T.npy", help="Ground-truth labels.")
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Instead of --pred/--true: score this checkpoint on --data.",
+)
+@click.option(
+    "--data",
+    "data_specs",
+    multiple=True,
+    metavar="FORMAT:PATH[@SPLIT]",
+    help="Labelled tiles for --model, e.g. tiles:../shared/data/consep@test (repeatable).",
+)
+@click.option("--tta", type=int, default=1, show_default=True, help="TTA passes (with --model).")
+@click.option(
+    "--task",
+    type=click.Choice(["1", "2"]),
+    default="1",
+    show_default=True,
+    help="With --model: thresholds tuned for Task 1 (thresholds.json) or 2 (thresholds_task2.json).",
+)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option(
+    "--save-pred",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --model: also save the predicted (N, H, W, 2) labels (and the truth as *.true.npy).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option(
     "--classes",
     default=None,
     help="Comma-separated names of class ids 1..C (default: the six CoNIC classes).",
 )
-def evaluate_cmd(pred_path: str, true_path: str, as_json: bool, classes: str | None) -> None:
+def evaluate_cmd(
+    pred_path: str | None,
+    true_path: str | None,
+    model_path: str | None,
+    data_specs: tuple[str, ...],
+    tta: int,
+    task: str,
+    device: str,
+    save_pred: str | None,
+    as_json: bool,
+    classes: str | None,
+) -> None:
     """Score label maps with the CoNIC 2022 metrics (PQ, mPQ+, R2 of Task-2 counts).
 
-    Both files hold (N, H, W, 2) integer arrays: channel 0 instance ids (0 = background),
-    channel 1 class ids 0..C.
+    Either --pred/--true: both files hold (N, H, W, 2) integer arrays (channel 0 instance ids,
+    0 = background; channel 1 class ids 0..C). Or --model with --data: the checkpoint predicts the
+    labelled tiles (at its um/px, with its thresholds) and is scored against their labels.
     """
     import json
 
     from conic_qp.evaluate import evaluate_files, parse_class_names, render_result
 
-    result = evaluate_files(pred_path, true_path, parse_class_names(classes))
+    if model_path is not None:
+        if pred_path or true_path:
+            raise ConicQPError("give either --pred/--true or --model/--data, not both")
+        from conic_qp.train.evaluation import evaluate_checkpoint
+
+        result = evaluate_checkpoint(
+            model_path, data_specs, tta=tta, task=int(task), device=device, save_pred=save_pred
+        )
+    elif pred_path and true_path:
+        result = evaluate_files(pred_path, true_path, parse_class_names(classes))
+    else:
+        raise ConicQPError(
+            "give --pred P.npy and --true T.npy, or --model CKPT and --data FORMAT:PATH"
+        )
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
@@ -208,7 +262,9 @@ def train_cmd(
 @click.option(
     "--disable",
     multiple=True,
-    type=click.Choice(["class_specific_seed", "class_specific_fg", "split_and_size_filter", "solidity_filter"]),
+    type=click.Choice(
+        ["class_specific_seed", "class_specific_fg", "split_and_size_filter", "solidity_filter"]
+    ),
     help="Switch a post-processing step off (paper table IV ablation; repeatable).",
 )
 @click.option(
@@ -262,6 +318,423 @@ def tune_cmd(
             str(path),
         )
     Console().print(table)
+
+
+@main.command("annotate")
+@click.argument("project", type=click.Path(path_type=str))
+@click.option(
+    "--model",
+    "model_paths",
+    multiple=True,
+    metavar="CKPT",
+    help="Checkpoint folder; repeat for an ensemble (default: the bundled model, if any).",
+)
+@click.option(
+    "--images", default=None, help="Comma-separated entry ids or image names (default: all)."
+)
+@click.option(
+    "--regions",
+    type=click.Choice(["annotations", "tissue"]),
+    default="annotations",
+    show_default=True,
+    help="Run inside each image's annotations (when found), or on the whole tissue.",
+)
+@click.option(
+    "--regions-geojson",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Folder of annotation GeoJSONs named <entryID>.geojson or <image name>.geojson.",
+)
+@click.option("--remap", multiple=True, metavar="OLD=NEW", help="Image path prefix remapping.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "paquo", "geojson"]),
+    default="auto",
+    show_default=True,
+    help="paquo writes into the project (needs QuPath); geojson writes files + a Groovy import.",
+)
+@click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option(
+    "--workers", type=int, default=2, show_default=True, help="Post-processing processes."
+)
+@click.option("--tta", type=int, default=16, show_default=True, help="Forward passes per tile.")
+@click.option("--no-mc-dropout", is_flag=True, help="Switch off dropout at inference.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mpp", type=float, default=None, help="Level-0 um/px when the files lack it.")
+@click.option("--thresholds", default=None, help="thresholds.json overriding the checkpoint's.")
+@click.option("--tile-size", type=int, default=512, show_default=True)
+@click.option("--list", "list_only", is_flag=True, help="List the project's images and exit.")
+def annotate_cmd(
+    project: str,
+    model_paths: tuple[str, ...],
+    images: str | None,
+    regions: str,
+    regions_geojson: str | None,
+    remap: tuple[str, ...],
+    backend: str,
+    object_type: str,
+    device: str,
+    batch_size: int,
+    workers: int,
+    tta: int,
+    no_mc_dropout: bool,
+    seed: int,
+    mpp: float | None,
+    thresholds: str | None,
+    tile_size: int,
+    list_only: bool,
+) -> None:
+    """Detect and classify nuclei in the images of a QuPath project and write them back.
+
+    Exit code 0 when every image succeeded, 1 when some failed (listed at the end), 2 on bad
+    input (nothing written).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from conic_qp.annotate import annotate_project
+    from conic_qp.predict import PredictSettings, default_model_path, load_models
+    from conic_qp.qupath.project import read_project
+    from conic_qp.tta import TTAConfig
+
+    if list_only:
+        qp = read_project(project, remap=remap)
+        listing = Table(title=str(qp.path))
+        for col in ("entry id", "name", "file"):
+            listing.add_column(col)
+        for im in qp.images:
+            listing.add_row(im.entry_id, im.name, str(im.path) if im.ok else f"[red]{im.problem}")
+        Console().print(listing)
+        return
+    paths = list(model_paths)
+    if not paths:
+        default = default_model_path()
+        if default is None:
+            raise ConicQPError("no model given; pass --model CHECKPOINT (a checkpoint folder)")
+        paths = [str(default)]
+    settings = PredictSettings(
+        tile_size=tile_size,
+        batch_size=batch_size,
+        tta=TTAConfig(passes=tta, mc_dropout=not no_mc_dropout),
+        seed=seed,
+        device=device,
+        workers=workers,
+        object_type=object_type,  # type: ignore[arg-type]
+    )
+    models = load_models(paths, device=device, thresholds=thresholds)
+    selection = [s.strip() for s in images.split(",") if s.strip()] if images else None
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[nuclei]} nuclei"),
+        console=console,
+        transient=True,
+    ) as bar:
+        tasks: dict[int, Any] = {}
+
+        def on_progress(p: Any) -> None:
+            if p.slide_index not in tasks:
+                tasks[p.slide_index] = bar.add_task(
+                    f"[{p.slide_index + 1}/{p.slides_total}] {p.slide}", total=None, nuclei=0
+                )
+            task = tasks[p.slide_index]
+            if p.stage == "tiles":
+                bar.update(task, completed=p.tiles_done, total=p.tiles_total, nuclei=p.nuclei)
+
+        result = annotate_project(
+            project,
+            models,
+            settings,
+            images=selection,
+            regions=regions,  # type: ignore[arg-type]
+            regions_geojson=regions_geojson,
+            remap=remap,
+            backend=backend,  # type: ignore[arg-type]
+            mpp=mpp,
+            on_progress=on_progress,
+        )
+    table = Table(title=f"conic-qp annotate ({result.backend})")
+    for col in ("entry id", "image", "regions", "nuclei", "status"):
+        table.add_column(col)
+    for o in result.images:
+        status = "[green]done" if o.status == "done" else "[red]failed"
+        table.add_row(o.entry_id, o.name, o.region_source, str(o.n_nuclei), status)
+    Console().print(table)
+    if result.classes_added:
+        console.print(
+            f"added classes {', '.join(result.classes_added)} to classifiers/classes.json"
+        )
+    if result.command and any(o.status == "done" for o in result.images):
+        console.print("Import the detections into QuPath (close the project in QuPath first):")
+        click.echo(result.command)
+    if result.failures:
+        console.print(f"[bold red]{len(result.failures)} image(s) failed:[/]", highlight=False)
+        for key, msg in result.failures.items():
+            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+@main.command("composition")
+@click.argument("source", type=click.Path(exists=True, path_type=str))
+@click.option(
+    "--regions-geojson",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Folder of region GeoJSONs named by entry id, image name or slide stem.",
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["centroid", "any-pixel"]),
+    default="centroid",
+    show_default=True,
+    help="centroid: QuPath's rule; any-pixel: CoNIC Task 2 (outline intersects the region).",
+)
+@click.option("-o", "--output", required=True, metavar="TABLE.csv", help="Tidy table (CSV).")
+@click.option("--report", default=None, metavar="REPORT.html", help="Also write an HTML report.")
+@click.option("--remap", multiple=True, metavar="OLD=NEW", help="Image path prefix remapping.")
+def composition_cmd(
+    source: str,
+    regions_geojson: str | None,
+    rule: str,
+    output: str,
+    report: str | None,
+    remap: tuple[str, ...],
+) -> None:
+    """Count nuclei per class in regions (QuPath annotations, GeoJSON) or whole slides.
+
+    SOURCE is an annotated QuPath project (project.qpproj) or a folder of `conic-qp predict`
+    outputs. Writes TABLE.csv (tidy), TABLE.parquet and TABLE.summary.csv (one row per slide x
+    region).
+    """
+    from conic_qp.composition import compose_cohort, load_cohort, write_composition
+
+    slides, failures = load_cohort(source, regions_geojson=regions_geojson, remap=remap)
+    tidy, summary, scheme, failed = compose_cohort(slides, rule=rule)  # type: ignore[arg-type]
+    failures.update(failed)
+    if tidy.empty:
+        raise ConicQPError(f"no slide of {source} could be composed; first problem: "
+                           f"{next(iter(failures.values()), 'no tables')}")  # fmt: skip
+    paths = write_composition(tidy, summary, output)
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}", highlight=False)
+    if report:
+        from conic_qp.report import write_report
+
+        done = [s for s in slides if s.slide not in failures]
+        html = write_report(tidy, summary, report, classes=scheme, slides=done, failures=failures)
+        console.print(f"report: {html}", highlight=False)
+    if failures:
+        console.print(f"[bold red]{len(failures)} slide(s) failed:[/]", highlight=False)
+        for key, msg in failures.items():
+            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True, metavar="SLIDES...")
+@click.option(
+    "-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+    help="Output folder: <slide>.nuclei.parquet, .geojson.gz, .run.json (and .labels.zarr).",
+)  # fmt: skip
+@click.option("--model", "model_paths", multiple=True, metavar="CKPT",
+              help="Checkpoint folder; repeat for an ensemble (members count as TTA passes).")  # fmt: skip
+@click.option("--thresholds", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="thresholds.json overriding the checkpoint's.")  # fmt: skip
+@click.option("--mpp", type=float, default=None,
+              help="Level-0 um/px of the slides, when their metadata lacks it or is wrong.")  # fmt: skip
+@click.option("--roi", "rois", multiple=True, metavar="X,Y,W,H",
+              help="Only this level-0 rectangle (repeatable).")  # fmt: skip
+@click.option("--roi-geojson", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Only inside these polygon annotations (level-0 px).")  # fmt: skip
+@click.option("--tta", "tta_passes", type=int, default=16, show_default=True,
+              help="Test-time augmentation passes per model (paper: 16).")  # fmt: skip
+@click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Makes TTA reproducible.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N] or mps.")
+@click.option("--batch-size", type=int, default=4, show_default=True,
+              help="Tiles per network step (and images per forward pass).")  # fmt: skip
+@click.option("--workers", type=int, default=None,
+              help="Post-processing processes (default: CPU cores - 1, at most 8; 0 = inline).")  # fmt: skip
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
+@click.option("--compile", "compile_models", is_flag=True, help="torch.compile the networks.")
+@click.option("--tile-size", type=int, default=512, show_default=True, help="Tile edge (px).")
+@click.option("--halo", type=int, default=64, show_default=True,
+              help="Tile overlap per side (px at the model's um/px).")  # fmt: skip
+@click.option("--no-tissue", is_flag=True, help="Run every tile (no tissue detection).")
+@click.option("--save-labels", is_flag=True, help="Also write the instance label map (zarr).")
+@click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
+              show_default=True, help="QuPath object type in the GeoJSON.")  # fmt: skip
+@click.option("--resume", is_flag=True, help="Skip slides already complete for this model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+def predict_cmd(
+    inputs: tuple[str, ...],
+    out_dir: str,
+    model_paths: tuple[str, ...],
+    thresholds: str | None,
+    mpp: float | None,
+    rois: tuple[str, ...],
+    roi_geojson: str | None,
+    tta_passes: int,
+    no_mc_dropout: bool,
+    seed: int,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    amp: bool,
+    compile_models: bool,
+    tile_size: int,
+    halo: int,
+    no_tissue: bool,
+    save_labels: bool,
+    object_type: str,
+    resume: bool,
+    quiet: bool,
+) -> None:
+    """Segment and classify nuclei in whole slides.
+
+    SLIDES are slide files, folders (all slides in them), globs or .txt lists (one path per
+    line). A failed slide does not stop the batch; failures are listed at the end (exit code 1).
+    """
+    import os
+
+    from conic_qp.predict import (
+        PredictSettings,
+        default_model_path,
+        expand_inputs,
+        load_models,
+        predict_paths,
+        resolve_device,
+        roi_from_boxes,
+        roi_from_geojson,
+    )
+    from conic_qp.tta import TTAConfig
+
+    paths, missing = expand_inputs(inputs)
+    if not paths:
+        first = next(iter(missing.values()), "no input given")
+        raise ConicQPError(f"no slide to run: {first}")
+    if not model_paths:
+        default = default_model_path()
+        if default is None:
+            raise ConicQPError("no model given and none is bundled; pass --model CHECKPOINT_FOLDER")
+        model_paths = (str(default),)
+    roi = None
+    if rois or roi_geojson:
+        boxes = [_parse_roi(text) for text in rois]
+        parts = ([roi_from_boxes(boxes)] if boxes else []) + (
+            [roi_from_geojson(roi_geojson)] if roi_geojson else []
+        )
+        import shapely
+
+        roi = shapely.union_all(parts)
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    settings = PredictSettings(
+        tile_size=tile_size,
+        halo=halo,
+        batch_size=batch_size,
+        tta=TTAConfig(passes=tta_passes, mc_dropout=not no_mc_dropout),
+        seed=seed,
+        device=device,
+        amp=amp,
+        compile=compile_models,
+        workers=workers,
+        tissue_detection=not no_tissue,
+        save_labels=save_labels,
+        object_type=object_type,  # type: ignore[arg-type]
+    )
+    dev = resolve_device(device)
+    models = load_models(model_paths, device=dev, thresholds=thresholds)
+
+    with _PredictProgress(len(paths), disabled=quiet) as progress:
+        batch = predict_paths(
+            paths, models, settings, out_dir, progress.update, roi, mpp=mpp, resume=resume
+        )
+    failures = {**missing, **batch.failures}
+    if not quiet:
+        done = [r for r in batch.results if not r.skipped]
+        skipped = len(batch.results) - len(done)
+        nuclei = sum(r.n_nuclei for r in done)
+        console.print(
+            f"[bold green]{len(done)} slide(s) done[/], {nuclei} nuclei"
+            + (f", {skipped} skipped (--resume)" if skipped else "")
+            + f"; outputs in {out_dir}",
+            highlight=False,
+        )
+    if failures:
+        console.print(f"[bold red]{len(failures)} slide(s) failed:[/]", highlight=False)
+        for key, msg in failures.items():
+            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _parse_roi(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ConicQPError(f"--roi {text!r} must be x,y,w,h in level-0 pixels, e.g. 0,0,2048,2048")
+    return values
+
+
+class _PredictProgress:
+    """rich progress bars for `predict`: slides, tiles of the current slide, nuclei/s."""
+
+    def __init__(self, n_slides: int, disabled: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=disabled,
+            transient=False,
+        )
+        self._slides = self._progress.add_task("slides", total=n_slides, rate="")
+        self._tiles = self._progress.add_task("tiles", total=None, rate="", visible=False)
+        self._start = 0.0
+        self._current = ""
+
+    def __enter__(self) -> _PredictProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def update(self, event: Any) -> None:
+        import time
+
+        if event.slide != self._current:
+            self._current = event.slide
+            self._start = time.perf_counter()
+            self._progress.reset(self._tiles, total=None, visible=True)
+        if event.stage == "tiles":
+            rate = event.nuclei / max(time.perf_counter() - self._start, 1e-6)
+            self._progress.update(
+                self._tiles,
+                description=f"tiles {event.slide}",
+                completed=event.tiles_done,
+                total=event.tiles_total,
+                rate=f"{rate:,.0f} nuclei/s",
+            )
+        elif event.stage in ("finished", "failed", "skipped"):
+            self._progress.update(self._slides, completed=event.slide_index + 1)
+        else:
+            self._progress.update(self._tiles, description=f"{event.stage} {event.slide}")
 
 
 if __name__ == "__main__":  # pragma: no cover

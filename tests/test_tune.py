@@ -123,3 +123,30 @@ def test_agnostic_ablation_tunes_the_shared_threshold() -> None:
     result = tune_thresholds(probs, labels, ["a", "b", "c"], grid=GRID, start=start)
     assert result.params.agnostic_seed <= 0.55 and result.score > 0.8
     assert not result.params.class_specific_seed
+
+
+def test_evaluate_cli_scores_a_checkpoint_on_labelled_tiles(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ConicNet(ModelConfig("test_efficientnet", 6, decoder_channels=(32, 16, 16, 8, 8)))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, CONIC, 0.5)
+    images, labels = synthetic_dataset(2, size=64, seed=6, n_classes=6)
+    save_conic_patches(tmp_path / "d", images, labels)
+    pred = tmp_path / "pred.npy"
+    res = CliRunner().invoke(
+        main,
+        ["evaluate", "--model", str(ckpt), "--data", f"conic:{tmp_path / 'd'}", "--device", "cpu",
+         "--json", "--save-pred", str(pred)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    scores = json.loads(res.stdout)
+    assert set(scores) == {"pq", "mpq_plus", "pq_per_class", "r2", "r2_per_class"}
+    saved, truth = np.load(pred), np.load(tmp_path / "pred.true.npy")
+    assert saved.shape == truth.shape == (2, 64, 64, 2)
+    assert np.array_equal(truth, labels)
+    # The saved arrays give the same scores through the array path.
+    again = CliRunner().invoke(
+        main, ["evaluate", "--pred", str(pred), "--true", str(tmp_path / "pred.true.npy"), "--json"]
+    )
+    assert again.exit_code == 0 and json.loads(again.stdout) == scores
+    both = CliRunner().invoke(main, ["evaluate", "--model", str(ckpt), "--pred", str(pred)])
+    assert both.exit_code == 2 and "not both" in both.output

@@ -65,7 +65,7 @@ class DataSection:
     n_val: int = 500
     classes: str = "conic"
     mpp: float = 0.5
-    tile_size: int = 256
+    tile_size: int = 256  # 0: keep the tiles as read (scoring only)
     stride: int | None = None
 
 

@@ -36,7 +36,7 @@ from conic_qp.classes import CONIC, CONSEP, ClassScheme
 from conic_qp.errors import ConicQPError
 from conic_qp.metrics import EvaluationResult, evaluate
 from conic_qp.model import ConicNet, ModelConfig
-from conic_qp.postprocess import PostprocessParams, postprocess
+from conic_qp.postprocess import PostprocessParams
 from conic_qp.targets import make_targets
 from conic_qp.train.augment import Augmenter
 from conic_qp.train.config import DataSection, DataSource, TrainConfig
@@ -53,6 +53,7 @@ from conic_qp.train.data import (
     retile,
     scheme_from_json,
 )
+from conic_qp.train.evaluation import labelled_truth, predicted_labels
 from conic_qp.train.losses import ConicLoss
 from conic_qp.train.sampling import EpochSampler, class_pixel_fractions, importance_weights
 
@@ -123,11 +124,11 @@ def read_source(src: DataSource, data: DataSection, scheme: ClassScheme) -> Labe
         out = read_conic(path, scheme=src_scheme or CONIC, mpp=src.mpp or 0.5, **common)
     elif src.format == "lizard":
         out = read_lizard(
-            path, mpp=src.mpp or 0.5, tile_size=data.tile_size, stride=data.stride, **common
+            path, mpp=src.mpp or 0.5, tile_size=data.tile_size or None, stride=data.stride, **common
         )
     elif src.format == "nucls":
         out = read_nucls(
-            path, mpp=src.mpp or 0.2, tile_size=data.tile_size, stride=data.stride, **common
+            path, mpp=src.mpp or 0.2, tile_size=data.tile_size or None, stride=data.stride, **common
         )
     elif src.format == "tiles":
         out = read_tile_folder(
@@ -135,7 +136,7 @@ def read_source(src: DataSource, data: DataSection, scheme: ClassScheme) -> Labe
             mpp=src.mpp,
             scheme=src_scheme,
             split=src.split,
-            tile_size=data.tile_size,
+            tile_size=data.tile_size or None,
             stride=data.stride,
             **common,
         )
@@ -143,7 +144,7 @@ def read_source(src: DataSource, data: DataSection, scheme: ClassScheme) -> Labe
         raise ConicQPError(f"unknown data format {src.format!r}")
     if not src.labelled:
         out = replace(out, class_maps=None, scheme=None)
-    if out.tile_shape != (data.tile_size, data.tile_size):
+    if data.tile_size and out.tile_shape != (data.tile_size, data.tile_size):
         out = retile(out, data.tile_size, data.stride)
     if out.scheme is not None and out.scheme.names != scheme.names:
         raise ConicQPError(
@@ -265,12 +266,6 @@ def predict_tiles(
             yield sem[i], tl[i]
 
 
-def instances_to_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """(H, W, 2) CoNIC label map from an instance map and per-instance classes."""
-    lut = np.concatenate([[0], classes]).astype(np.int32)
-    return np.stack([labels.astype(np.int32), lut[labels]], axis=-1)
-
-
 def validate(
     model: torch.nn.Module,
     val: LabelledSet,
@@ -283,13 +278,8 @@ def validate(
     if val.class_maps is None:
         raise ConicQPError("validation data has no class labels")
     params = params or PostprocessParams.default(scheme.n_classes)
-    preds = []
-    for sem, tl in predict_tiles(model, val.images, device, batch_size):
-        inst = postprocess(sem, tl, params)
-        preds.append(instances_to_labels(inst.labels, inst.classes))
-    true_cls = np.where(val.class_maps < 0, 0, val.class_maps)
-    true = np.stack([val.inst_maps, true_cls], axis=-1).astype(np.int32)
-    return evaluate(np.stack(preds), true, scheme.names)
+    pred = predicted_labels(predict_tiles(model, val.images, device, batch_size), params)
+    return evaluate(pred, labelled_truth(val), scheme.names)
 
 
 # -------------------------------------------------------------------------------------- loop

@@ -24,12 +24,18 @@ import numpy as np
 
 from conic_qp.errors import ConicQPError
 from conic_qp.metrics import evaluate
-from conic_qp.postprocess import PostprocessParams, postprocess
+from conic_qp.postprocess import PostprocessParams
+from conic_qp.train.evaluation import predicted_labels
 
 logger = logging.getLogger(__name__)
 
 THRESHOLDS_TASK2_FILE = "thresholds_task2.json"
-ABLATION_FLAGS = ("class_specific_seed", "class_specific_fg", "split_and_size_filter", "solidity_filter")
+ABLATION_FLAGS = (
+    "class_specific_seed",
+    "class_specific_fg",
+    "split_and_size_filter",
+    "solidity_filter",
+)
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,9 @@ def tune_thresholds(
         nonlocal evaluations
         key = json.dumps(p.to_json(), sort_keys=True)
         if key not in cache:
-            preds = []
-            for sem, tl in probabilities:
-                inst = postprocess(sem, tl, p)
-                lut = np.concatenate([[0], inst.classes]).astype(np.int32)
-                preds.append(np.stack([inst.labels, lut[inst.labels]], axis=-1))
-            cache[key] = _score(task, evaluate(np.stack(preds), true, class_names))
+            cache[key] = _score(
+                task, evaluate(predicted_labels(probabilities, p), true, class_names)
+            )
             evaluations += 1
             if on_progress is not None:
                 on_progress(evaluations, cache[key])
@@ -175,19 +178,6 @@ def _write_json_atomic(target: Path, payload: Any) -> None:
     os.replace(tmp, target)
 
 
-def parse_data_spec(spec: str) -> Any:
-    """``FORMAT:PATH[@SPLIT]`` -> DataSource (e.g. ``tiles:../shared/data/consep@test``)."""
-    from conic_qp.train.config import DATA_FORMATS, DataSource
-
-    fmt, sep, rest = spec.partition(":")
-    if not sep or fmt not in DATA_FORMATS or not rest:
-        raise ConicQPError(
-            f"--data {spec!r} must look like FORMAT:PATH[@SPLIT] with FORMAT in {', '.join(DATA_FORMATS)}"
-        )
-    path, _, split = rest.partition("@")
-    return DataSource(format=fmt, path=path, split=split or None)
-
-
 def tune_on_data(
     model_path: str | Path,
     data_specs: Sequence[str] = (),
@@ -208,30 +198,10 @@ def tune_on_data(
     ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``); ``output`` writes the
     thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint.
     """
-    import torch
+    from conic_qp.train.evaluation import labelled_truth, load_eval_data, predict_set
 
-    from conic_qp.checkpoint import load_checkpoint
-    from conic_qp.train.config import DataSection, load_config
-    from conic_qp.train.loop import prepare_data, read_source, resolve_device
-    from conic_qp.tta import TTAConfig, predict_probabilities
-
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(model_path, device=str(dev))
+    ckpt, val = load_eval_data(model_path, data_specs, config_path, max_tiles, device, seed)
     scheme = ckpt.classes
-    if config_path is not None:
-        val = prepare_data(load_config(config_path)).val
-    elif data_specs:
-        section = DataSection(classes="conic", mpp=ckpt.mpp, tile_size=256)
-        from conic_qp.train.data import concat_sets
-
-        val = concat_sets([read_source(parse_data_spec(s), section, scheme) for s in data_specs])
-    else:
-        raise ConicQPError("give validation data with --data FORMAT:PATH or --config")
-    if val.class_maps is None:
-        raise ConicQPError("the validation data has no class labels; tuning needs labelled tiles")
-    if max_tiles is not None and len(val) > max_tiles:
-        idx = np.sort(np.random.default_rng(seed).choice(len(val), max_tiles, replace=False))
-        val = val.subset(idx)
     start = (
         PostprocessParams.from_json(ckpt.thresholds)
         if ckpt.thresholds
@@ -240,19 +210,10 @@ def tune_on_data(
     unknown = sorted(set(disable) - set(ABLATION_FLAGS))
     if unknown:
         raise ConicQPError(f"cannot disable {unknown}; choose from {', '.join(ABLATION_FLAGS)}")
-    start = dataclasses.replace(start, **{flag: False for flag in disable})
-    cfg = TTAConfig(passes=tta, mc_dropout=tta > 1)
-    probs: list[tuple[np.ndarray, np.ndarray]] = []
-    for i in range(0, len(val), 8):
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(val.images[i : i + 8]))).permute(
-            0, 3, 1, 2
-        )
-        out = predict_probabilities([ckpt.model], x.float().div(255).to(dev), cfg, seed=seed + i)
-        sem, tl = out["semantic"].cpu().numpy(), out["three_label"].cpu().numpy()
-        probs.extend((sem[j], tl[j]) for j in range(sem.shape[0]))
-    class_maps = val.class_maps
-    assert class_maps is not None  # checked above
-    true = np.stack([val.inst_maps, np.where(class_maps < 0, 0, class_maps)], axis=-1).astype(np.int32)
+    switches: dict[str, Any] = {flag: False for flag in disable}
+    start = dataclasses.replace(start, **switches)
+    probs = predict_set(ckpt, val, tta=tta, seed=seed)
+    true = labelled_truth(val)
     results = []
     for task in tasks:
         result = tune_thresholds(probs, true, scheme.names, task, grid, start, on_progress)

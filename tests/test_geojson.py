@@ -271,3 +271,21 @@ def test_geojson_coordinates_text_has_at_most_two_decimals(
     coords = re.findall(r"\[(-?\d+(?:\.\d+)?),(-?\d+(?:\.\d+)?)\]", text)
     assert coords
     assert all(len(v.split(".")[1]) <= 2 for pair in coords for v in pair if "." in v)
+
+
+def test_atomic_writes_keep_the_replaced_files_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from conic_qp.sinks import write_json_atomic
+
+    user_file = tmp_path / "classes.json"
+    user_file.write_text("{}")
+    os.chmod(user_file, 0o640)
+    write_json_atomic(user_file, {"pathClasses": []})
+    assert stat.S_IMODE(user_file.stat().st_mode) == 0o640
+    new_file = tmp_path / "new.json"
+    write_json_atomic(new_file, {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(new_file.stat().st_mode) == 0o666 & ~umask

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from helpers_slides import smooth_image, write_pyramidal_tiff
 from PIL import Image
 from skimage.transform import downscale_local_mean, resize
 
 from conic_qp.errors import ConicQPError
 from conic_qp.slides import ImageSource, SlideSource, open_slide
+from tests.helpers_slides import smooth_image, write_pyramidal_tiff
 
 FORMATS = {
     "aperio": {"aperio": True},

@@ -1,0 +1,92 @@
+"""Stand-in and tiny models shared by the inference, annotate and QuPath tests (and benchmarks).
+
+:class:`HematoxylinNet` is a fixed "network" whose outputs are a local function of the
+hematoxylin stain (receptive field 5 px): nuclei are where hematoxylin is high, their interior
+where the smoothed nucleus probability is high, and the class is dark vs pale. Its instances are
+real nuclei of synthetic slides and real tissue, so tests of tiling, stitching and sinks exercise
+real objects without a trained model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from skimage.color import hed_from_rgb
+from torch import nn
+
+from conic_qp.checkpoint import save_checkpoint
+from conic_qp.classes import ClassScheme
+from conic_qp.model import ConicNet, ModelConfig
+from conic_qp.postprocess import PostprocessParams
+from conic_qp.predict import ModelSet, PredictSettings
+from conic_qp.tta import TTAConfig
+
+DARK_PALE = ClassScheme.from_names("dark-pale", ["dark", "pale"])
+#: hematoxylin concentration thresholds for the synthetic slides (nuclei 0.05-0.14, stroma ~0.006)
+SYNTH_H = (0.035, 0.08)
+
+
+class HematoxylinNet(nn.Module):
+    """A fixed, local stand-in network producing ConicNet's three outputs from the H stain.
+
+    ``h_nucleus``: hematoxylin level above which a pixel is nucleus; ``h_dark``: level separating
+    the "dark" from the "pale" class. Reflect padding and symmetric kernels keep it consistent
+    with the engine's reflect padding at the slide border.
+    """
+
+    def __init__(self, h_nucleus: float, h_dark: float) -> None:
+        super().__init__()
+        self.h_nucleus, self.h_dark = h_nucleus, h_dark
+        self.register_buffer("to_hed", torch.tensor(hed_from_rgb, dtype=torch.float32))
+        g = torch.exp(-(torch.arange(-2, 3, dtype=torch.float32) ** 2) / 2)
+        self.register_buffer("gauss", (g[:, None] * g[None, :] / g.sum() ** 2)[None, None])
+        self.dropout = nn.Dropout2d(0.2)  # exercised (and harmless) with MC dropout off
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        od = -torch.log(x.clamp_min(1e-6))
+        h = torch.einsum("bchw,cd->bdhw", od, self.to_hed)[:, :1]
+        h = F.conv2d(F.pad(h, (2, 2, 2, 2), mode="reflect"), self.gauss)
+        p = torch.sigmoid((h - self.h_nucleus) * (8.0 / self.h_nucleus))
+        q = F.avg_pool2d(F.pad(p, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
+        core = torch.sigmoid((q - 0.9) * 40.0)
+        dark = torch.sigmoid((h - self.h_dark) * (8.0 / self.h_dark))
+        eps = 1e-6
+        three = torch.cat([1 - p, p * core, p * (1 - core)], 1).clamp_min(eps).log()
+        sem = torch.cat([1 - p, p * dark, p * (1 - dark)], 1).clamp_min(eps).log()
+        return {"semantic": sem, "three_label": three, "vectors": torch.zeros_like(three[:, :2])}
+
+
+def stand_in_models(h: tuple[float, float] = SYNTH_H, mpp: float = 0.5) -> ModelSet:
+    params = PostprocessParams.uniform(2, fg=0.5, seed=0.6, min_size=8, max_size=3000)
+    return ModelSet([HematoxylinNet(*h)], DARK_PALE, mpp, params, info=[{"path": "stand-in"}])
+
+
+def settings(**kw: object) -> PredictSettings:
+    base: dict[str, object] = dict(
+        tile_size=128,
+        halo=40,
+        batch_size=3,
+        tta=TTAConfig(passes=1, mc_dropout=False),
+        device="cpu",
+        workers=0,
+        save_labels=True,
+    )
+    base.update(kw)
+    return PredictSettings(**base)  # type: ignore[arg-type]
+
+
+def make_tiny_checkpoint(path: Path) -> Path:
+    """A random-init tiny ConicNet whose heads are scaled x300.
+
+    Random decoder features vary little across an image; scaling the 1x1 heads turns them into
+    image-dependent blobs, so post-processing finds "nuclei" and every stage carries data.
+    """
+    torch.manual_seed(0)
+    net = ConicNet(ModelConfig("test_efficientnet", 2, decoder_channels=(32, 16, 16, 8, 8)))
+    with torch.no_grad():
+        for head in (net.head_three_label, net.head_semantic):
+            head.weight.mul_(300.0)
+    params = PostprocessParams.uniform(2, min_size=4, min_solidity=0.0)
+    return save_checkpoint(path, net, DARK_PALE, 0.5, thresholds=params.to_json())

@@ -1,0 +1,346 @@
+"""Whole-slide engine: tiled output equals whole-image output, outputs, ROI, batches, resume.
+
+A trained model does not exist yet, so seams are tested with :class:`HematoxylinNet`, a fixed
+"network" whose outputs are a local function of the hematoxylin stain (receptive field 5 px,
+far inside the halo): nuclei are where hematoxylin is high, their interior where the smoothed
+nucleus probability is high, and the class is dark vs pale. Its instances are real nuclei of the
+synthetic slides and of real tissue, so the whole-vs-tiled comparison exercises the watershed,
+the ownership rule and the stitching. The real ConicNet path runs end to end with a tiny random
+encoder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+import torch
+from skimage.color import hed_from_rgb
+
+from conic_qp.errors import ConicQPError
+from conic_qp.metrics import match_instances
+from conic_qp.postprocess import PostprocessParams, postprocess
+from conic_qp.predict import (
+    ModelSet,
+    PredictSettings,
+    Progress,
+    expand_inputs,
+    load_models,
+    predict_paths,
+    predict_slide,
+    resolve_device,
+    roi_from_boxes,
+    slide_stem,
+)
+from conic_qp.sinks.tables import read_table
+from conic_qp.slides import ImageSource
+from conic_qp.synthetic import synthetic_slide_image
+from conic_qp.tta import TTAConfig
+from tests.helpers_models import (
+    DARK_PALE,
+    SYNTH_H,
+    HematoxylinNet,
+    make_tiny_checkpoint,
+    settings,
+    stand_in_models,
+)
+from tests.helpers_slides import write_pyramidal_tiff
+
+torch.set_num_threads(1)
+
+
+def whole_image_labels(image: np.ndarray, models: ModelSet) -> np.ndarray:
+    """The reference: the network on the whole image at once (reflect-padded to x32)."""
+    h, w = image.shape[:2]
+    ph, pw = -h % 32, -w % 32
+    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        out = models.networks[0](x)
+    sem = torch.softmax(out["semantic"], 1)[0, :, :h, :w].numpy()
+    three = torch.softmax(out["three_label"], 1)[0, :, :h, :w].numpy()
+    return postprocess(sem, three, models.params).labels
+
+
+def read_labels(path: Path) -> tuple[np.ndarray, dict[str, object]]:
+    import zarr
+
+    arr = zarr.open_array(str(path), mode="r")
+    return np.asarray(arr[:]), dict(arr.attrs)
+
+
+def assert_same_instances(whole: np.ndarray, tiled: np.ndarray, table: pd.DataFrame) -> None:
+    """>= 99% of whole-image nuclei found at IoU > 0.5, nothing extra, nothing twice."""
+    n_whole = len(np.unique(whole)) - 1
+    ids = np.unique(tiled)
+    ids = ids[ids > 0]
+    assert n_whole > 20
+    stats = match_instances(whole, tiled)
+    assert stats.tp >= 0.99 * n_whole, (stats, n_whole)
+    assert stats.fp <= 0.01 * n_whole, (stats, n_whole)
+    # every table row is one label of the map and vice versa: no nucleus written twice
+    assert len(table) == ids.size
+    np.testing.assert_array_equal(np.sort(table["label"].to_numpy()), ids)
+    assert table["id"].is_unique
+    assert abs(len(table) - n_whole) <= 0.01 * n_whole
+
+
+@pytest.fixture(scope="module")
+def synth() -> np.ndarray:
+    return synthetic_slide_image(416, 384, seed=3, tissue_fraction=0.6).image
+
+
+@pytest.mark.parametrize(("tile", "halo"), [(128, 40), (192, 48), (256, 64)])
+def test_tiled_equals_whole_image_on_synthetic_slide(
+    synth: np.ndarray, tmp_path: Path, tile: int, halo: int
+) -> None:
+    models = stand_in_models()
+    whole = whole_image_labels(synth, models)
+    src = ImageSource(synth, 0.5, name="synth.png")
+    res = predict_slide(src, models, settings(tile_size=tile, halo=halo), tmp_path)
+    tiled, attrs = read_labels(res.outputs["labels"])
+    table = read_table(res.outputs["table"])
+    assert tiled.shape == synth.shape[:2] and attrs["mpp"] == 0.5
+    assert_same_instances(whole, tiled, table)
+    # the exact case: a local model and a halo larger than nucleus + receptive field
+    assert match_instances(whole, tiled).tp == len(np.unique(whole)) - 1
+    assert res.n_nuclei == len(table) == sum(res.class_counts.values())
+
+
+def test_tiled_equals_whole_image_when_slide_is_resampled(tmp_path: Path) -> None:
+    """A 0.25 um/px slide read at the model's 0.5 um/px: tiles resample like the whole image."""
+    fine = synthetic_slide_image(640, 576, seed=5, mpp=0.25, tissue_fraction=0.6).image
+    src = ImageSource(fine, 0.25, name="fine.png")
+    models = stand_in_models()
+    whole = whole_image_labels(src.read((0, 0, 576, 640), 0.5), models)
+    res = predict_slide(src, models, settings(), tmp_path)
+    tiled, attrs = read_labels(res.outputs["labels"])
+    assert tiled.shape == (320, 288) and attrs["scale_level0"] == pytest.approx(2.0)
+    table = read_table(res.outputs["table"])
+    assert_same_instances(whole, tiled, table)
+    # the table is in level-0 px of the slide: centroids land on the nuclei of the fine image
+    lab = tiled[(table["centroid_y"] / 2).astype(int), (table["centroid_x"] / 2).astype(int)]
+    assert (lab == table["label"].to_numpy()).mean() > 0.95
+    assert table["area_px"].median() == pytest.approx(
+        4 * np.median(np.bincount(tiled.ravel())[1:]), rel=0.25
+    )
+
+
+@pytest.mark.shared_data
+def test_tiled_equals_whole_image_on_real_tissue(shared_data: Path, tmp_path: Path) -> None:
+    from conic_qp.slides import open_slide
+
+    with open_slide(shared_data / "slides" / "CMU-1-Small-Region.svs") as slide:
+        crop = slide.read((700, 1200, 448, 384), slide.mpp, size=(448, 384))
+    od = -np.log(np.clip(crop.astype(np.float32) / 255, 1e-6, 1))
+    h = (od @ hed_from_rgb.astype(np.float32))[..., 0]
+    models = stand_in_models((float(np.percentile(h, 85)), float(np.percentile(h, 95))))
+    whole = whole_image_labels(crop, models)
+    res = predict_slide(ImageSource(crop, 0.5, "cmu-crop"), models, settings(), tmp_path)
+    tiled, _ = read_labels(res.outputs["labels"])
+    assert_same_instances(whole, tiled, read_table(res.outputs["table"]))
+
+
+def test_roi_keeps_exactly_the_nuclei_whose_centroid_is_inside(
+    synth: np.ndarray, tmp_path: Path
+) -> None:
+    models = stand_in_models()
+    src = ImageSource(synth, 0.5, name="synth.png")
+    full = read_table(predict_slide(src, models, settings(), tmp_path / "full").outputs["table"])
+    roi = roi_from_boxes([(40, 60, 150, 120), (300, 250, 100.5, 160)])
+    res = predict_slide(src, models, settings(), tmp_path / "roi", roi=roi)
+    part = read_table(res.outputs["table"])
+    inside = shapely.contains_xy(roi, full["centroid_x"], full["centroid_y"])
+    assert 0 < len(part) < len(full)
+    assert set(part["id"]) == set(full.loc[inside, "id"])
+    labels, _ = read_labels(res.outputs["labels"])
+    assert set(np.unique(labels)) - {0} == set(part["label"])
+    run = json.loads(res.outputs["run"].read_text())
+    assert (
+        run["roi"].startswith("MULTIPOLYGON")
+        and run["grid"]["tiles_run"] < run["grid"]["tiles_total"]
+    )
+
+
+def test_outputs_run_json_and_geojson(synth: np.ndarray, tmp_path: Path) -> None:
+    models = stand_in_models()
+    events: list[Progress] = []
+    res = predict_slide(
+        ImageSource(synth, 0.5, name="s1.png"), models, settings(), tmp_path, events.append
+    )
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "s1.nuclei.parquet",
+        "s1.geojson.gz",
+        "s1.labels.zarr",
+        "s1.run.json",
+    }
+    table = read_table(res.outputs["table"])
+    assert table.attrs["conic_qp"]["classes"]["classes"][0]["name"] == "dark"
+    assert table.attrs["conic_qp"]["mpp"] == 0.5
+    with gzip.open(res.outputs["geojson"], "rt") as fh:
+        fc = json.load(fh)
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == len(table)
+    feat = fc["features"][0]
+    assert feat["properties"]["classification"]["color"] and feat["id"] in set(table["id"])
+    run = json.loads(res.outputs["run"].read_text())
+    assert run["complete"] is True and run["nuclei"] == len(table)
+    assert run["class_counts"] == table["class_name"].value_counts().to_dict()
+    assert run["settings"]["tile_size"] == 128 and run["settings"]["tta"]["passes"] == 1
+    assert {"read_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(run["timings"])
+    assert run["slide"]["mpp"] == 0.5 and run["model_mpp"] == 0.5
+    # progress: tile counts grow to the total, the last event says done
+    tiles = [e for e in events if e.stage == "tiles"]
+    assert tiles[-1].tiles_done == tiles[-1].tiles_total == res.n_tiles
+    assert events[-1].stage == "done" and events[-1].nuclei == len(table)
+    # re-running replaces (no duplicates, no temporary files left)
+    predict_slide(ImageSource(synth, 0.5, name="s1.png"), models, settings(), tmp_path)
+    assert len(read_table(res.outputs["table"])) == len(table)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow  # starting worker processes takes seconds on a busy 2-core machine
+def test_worker_processes_give_the_same_result_as_inline(synth: np.ndarray, tmp_path: Path) -> None:
+    models = stand_in_models()
+    src = ImageSource(synth, 0.5, name="synth.png")
+    a = predict_slide(src, models, settings(workers=0), tmp_path / "a")
+    b = predict_slide(src, models, settings(workers=2, batch_size=2), tmp_path / "b")
+    ta, tb = read_table(a.outputs["table"]), read_table(b.outputs["table"])
+    pd.testing.assert_frame_equal(ta, tb)
+    np.testing.assert_array_equal(
+        read_labels(a.outputs["labels"])[0], read_labels(b.outputs["labels"])[0]
+    )
+
+
+def test_background_tiles_are_skipped_without_losing_nuclei(tmp_path: Path) -> None:
+    tissue = synthetic_slide_image(256, 192, seed=2, tissue_fraction=0.8).image
+    image = np.concatenate([np.full((256, 320, 3), 244, np.uint8), tissue], axis=1)
+    src = ImageSource(image, 0.5, name="half.png")
+    models = stand_in_models()
+    on = predict_slide(src, models, settings(), tmp_path / "on")
+    off = predict_slide(src, models, settings(tissue_detection=False), tmp_path / "off")
+    assert on.n_tiles < off.n_tiles
+    ids_on = set(read_table(on.outputs["table"])["id"])
+    assert len(ids_on) > 10 and ids_on == set(read_table(off.outputs["table"])["id"])
+
+
+def test_blank_slide_is_a_clear_error(tmp_path: Path) -> None:
+    blank = np.full((256, 256, 3), 245, np.uint8)
+    with pytest.raises(ConicQPError, match="no tissue"):
+        predict_slide(ImageSource(blank, 0.5, "glass"), stand_in_models(), settings(), tmp_path)
+    assert not list(tmp_path.glob("glass*"))
+
+
+# ------------------------------------------------------------------ real ConicNet end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def _slide_file(folder: Path, name: str = "slide.tif", seed: int = 0) -> Path:
+    img = synthetic_slide_image(320, 288, seed=seed, tissue_fraction=0.7).image
+    return write_pyramidal_tiff(folder / name, img, mpp=0.25, levels=2)
+
+
+def test_conicnet_batch_with_tta_is_reproducible_and_resumable(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    good = _slide_file(slides)
+    bad = slides / "broken.tif"
+    data = _slide_file(tmp_path, "whole.tif", seed=1).read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # truncated
+    models = load_models([tiny_ckpt], device="cpu")
+    assert models.classes.names == ["dark", "pale"] and models.params.classes[0].min_size == 4
+    s = settings(tta=TTAConfig(passes=2, mc_dropout=True), seed=7, save_labels=False)
+    paths, missing = expand_inputs([slides])
+    assert paths == [bad, good] and not missing
+
+    out1, out2 = tmp_path / "o1", tmp_path / "o2"
+    r1 = predict_paths(paths, models, s, out1)
+    assert list(r1.failures) == [str(bad)] and "truncated" in r1.failures[str(bad)]
+    assert [r.name for r in r1.results] == ["slide.tif"]
+    t1 = read_table(out1 / "slide.nuclei.parquet")
+    assert r1.results[0].n_nuclei == len(t1) > 0
+    assert not (out1 / "slide.labels.zarr").exists()
+    run = json.loads((out1 / "slide.run.json").read_text())
+    assert run["models"][0]["weights_sha256"] and run["slide"]["mpp"] == 0.25
+    assert run["settings"]["tta"]["mc_dropout"] is True and run["settings"]["seed"] == 7
+    # level-0 coordinates of a 0.25 um/px slide read at 0.5 um/px
+    assert t1["centroid_x"].max() <= 288 and t1["centroid_y"].max() <= 320
+    assert t1["area_um2"].to_numpy() == pytest.approx(t1["area_px"].to_numpy() * 0.25**2)
+
+    r2 = predict_paths([good], models, s, out2)
+    pd.testing.assert_frame_equal(t1, read_table(out2 / "slide.nuclei.parquet"))  # same seed
+    assert r2.ok
+
+    # resume skips a complete run of the same model, and reruns when thresholds change
+    before = os.stat(out2 / "slide.nuclei.parquet").st_mtime_ns
+    r3 = predict_paths([good], models, s, out2, resume=True)
+    assert r3.results[0].skipped and r3.results[0].n_nuclei == len(t1)
+    assert os.stat(out2 / "slide.nuclei.parquet").st_mtime_ns == before
+    other = ModelSet(
+        models.networks,
+        models.classes,
+        models.mpp,
+        PostprocessParams.uniform(2, seed=0.75, min_size=4, min_solidity=0.0),
+        models.info,
+    )
+    r4 = predict_paths([good], other, s, out2, resume=True)
+    assert not r4.results[0].skipped
+
+
+def test_expand_inputs_folders_globs_and_lists(tmp_path: Path) -> None:
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "b.tiff").write_bytes(b"x")
+    (tmp_path / "notes.md").write_text("x")
+    (tmp_path / "list.txt").write_text("# cohort\na.svs\n\nmissing.svs\n")
+    paths, missing = expand_inputs([tmp_path / "list.txt", str(tmp_path / "*.tiff"), "nope.svs"])
+    assert paths == [tmp_path / "a.svs", tmp_path / "b.tiff"]
+    assert set(missing) == {"missing.svs", "nope.svs"}
+    paths, _ = expand_inputs([tmp_path])
+    assert paths == [tmp_path / "a.svs", tmp_path / "b.tiff"]
+    assert slide_stem("x/CMU-1.svs") == "CMU-1" and slide_stem("a.ome.tiff") == "a"
+
+
+def test_bad_options_are_one_line_errors() -> None:
+    with pytest.raises(ConicQPError, match="x,y,w,h"):
+        roi_from_boxes([(1, 2, 3)])
+    with pytest.raises(ConicQPError, match="positive"):
+        roi_from_boxes([(1, 2, 0, 5)])
+    with pytest.raises(ConicQPError, match="multiple of 32"):
+        PredictSettings(tile_size=100)
+    with pytest.raises(ConicQPError, match="twice the halo"):
+        PredictSettings(tile_size=128, halo=64)
+    with pytest.raises(ConicQPError, match="thresholds are for 6 classes"):
+        ModelSet([HematoxylinNet(*SYNTH_H)], DARK_PALE, 0.5, PostprocessParams.default(6))
+    with pytest.raises(ConicQPError, match="pass --model"):
+        load_models([])
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConicQPError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_inference_matches_cpu(tiny_ckpt: Path, tmp_path: Path) -> None:
+    slide = _slide_file(tmp_path)
+    tables = []
+    for dev in ("cpu", "cuda"):
+        models = load_models([tiny_ckpt], device=dev)
+        s = settings(device=dev, amp=False, save_labels=False)
+        predict_paths([slide], models, s, tmp_path / dev)
+        tables.append(read_table(tmp_path / dev / "slide.nuclei.parquet"))
+    cpu, gpu = tables
+    # float differences may flip a few threshold decisions, not the result as a whole
+    assert abs(len(cpu) - len(gpu)) <= max(2, 0.02 * len(cpu))
+    common = set(cpu["id"]) & set(gpu["id"])
+    assert len(common) >= 0.95 * len(cpu)

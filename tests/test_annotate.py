@@ -1,0 +1,364 @@
+"""`conic-qp annotate` end to end on tiny QuPath projects: GeoJSON rules, classes.json merge,
+idempotent re-runs, interruptions, per-image failures and refused projects.
+
+Nuclei come from the deterministic stand-in network of ``tests/test_predict.py`` (hematoxylin
+thresholds on synthetic H&E), so the detections are real objects; the CLI runs the real ConicNet
+path with a tiny random-init checkpoint.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import shapely
+import torch
+from click.testing import CliRunner
+
+from conic_qp.annotate import annotate_project, import_command
+from conic_qp.checkpoint import save_checkpoint
+from conic_qp.cli import main
+from conic_qp.composition import load_cohort
+from conic_qp.errors import ConicQPError
+from conic_qp.model import ConicNet, ModelConfig
+from conic_qp.postprocess import PostprocessParams
+from conic_qp.predict import ModelSet, PredictSettings
+from conic_qp.qupath.classes import QUPATH_DEFAULT_CLASSES, argb_to_rgb
+from conic_qp.qupath.project import read_project, regions_path, write_project
+from conic_qp.sinks.geojson import read_regions
+from conic_qp.sinks.tables import read_table
+from conic_qp.synthetic import synthetic_slide_image
+from tests.helpers_models import DARK_PALE, settings, stand_in_models
+from tests.helpers_slides import write_pyramidal_tiff
+
+torch.set_num_threads(1)
+
+GROOVY = Path(__file__).resolve().parents[1] / "conic_qp" / "groovy" / "import_conic_qp.groovy"
+REGION = shapely.box(40, 30, 220, 200)
+
+
+def make_project(root: Path, n: int = 2) -> Path:
+    slides = root / "slides"
+    slides.mkdir(parents=True)
+    paths = []
+    for i in range(n):
+        img = synthetic_slide_image(256, 288, seed=10 + i, tissue_fraction=0.7).image
+        paths.append(write_pyramidal_tiff(slides / f"slide{i + 1}.tif", img, mpp=0.5, levels=2))
+    project = write_project(root / "proj", paths)
+    # a user's class list, and the exported annotations of image 1
+    classes = project.parent / "classifiers" / "classes.json"
+    classes.parent.mkdir()
+    classes.write_text(
+        json.dumps(
+            {"pathClasses": [{"name": "Tumor", "color": -3670016}, {"name": "Mine", "color": 255}]}
+        )
+    )
+    regions = project.parent / "regions"
+    regions.mkdir()
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid4()),
+                "geometry": shapely.geometry.mapping(REGION),
+                "properties": {
+                    "objectType": "annotation",
+                    "name": "ROI 1",
+                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                },
+            }
+        ],
+    }
+    (regions / "1.geojson").write_text(json.dumps(fc))
+    return project
+
+
+def features(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        fc = json.load(fh)
+    assert fc["type"] == "FeatureCollection"
+    return fc["features"]
+
+
+def check_qupath_rules(feats: list[dict], object_type: str = "detection") -> None:
+    for f in feats:
+        assert f["type"] == "Feature"
+        assert str(uuid.UUID(f["id"])) == f["id"]
+        props = f["properties"]
+        assert props["objectType"] == object_type
+        cls = props["classification"]
+        assert cls["name"] in DARK_PALE.names
+        assert cls["color"] == list(DARK_PALE.by_name(cls["name"]).color)
+        meas = props["measurements"]
+        assert meas["conic-qp"] == 1.0
+        assert all(type(v) in (int, float) for v in meas.values())
+        assert "Class probability" in meas and "Nucleus: Area µm^2" in meas
+        if object_type == "cell":
+            assert f["nucleusGeometry"]["type"] == "Polygon" and "nucleusGeometry" not in props
+        assert f["geometry"]["type"] == "Polygon"
+
+
+def fast(**kw: object) -> PredictSettings:
+    """Engine settings for tiny slides: a few 256 px tiles, one pass, inline post-processing."""
+    base: dict[str, object] = {"tile_size": 256, "halo": 40, "save_labels": False}
+    base.update(kw)
+    return settings(**base)
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path)
+
+
+def test_annotate_writes_detections_classes_script_and_tables(project: Path) -> None:
+    pdir = project.parent
+    before = project.read_bytes()
+    old_classes = (pdir / "classifiers" / "classes.json").read_bytes()
+    events = []
+    res = annotate_project(
+        project, stand_in_models(), fast(), backend="geojson",
+        on_progress=events.append,
+    )  # fmt: skip
+    assert res.ok and res.backend == "geojson"
+    assert [o.status for o in res.images] == ["done", "done"]
+    assert project.read_bytes() == before  # the geojson backend never touches project.qpproj
+    # detections per image, QuPath's GeoJSON rules
+    one = features(pdir / "detections" / "1.geojson.gz")
+    two = features(pdir / "detections" / "2.geojson.gz")
+    assert len(one) == res.images[0].n_nuclei > 5 and len(two) == res.images[1].n_nuclei > 5
+    check_qupath_rules(one + two)
+    assert not {f["id"] for f in one} & {f["id"] for f in two}
+    # image 1 ran inside its annotation, image 2 on the tissue
+    assert res.images[0].region_source.endswith("regions/1.geojson")
+    assert res.images[1].region_source == "tissue"
+    t1 = read_table(pdir / "conic-qp" / "1.nuclei.parquet")
+    assert len(t1) == len(one)
+    assert shapely.covers(REGION, shapely.points(t1["centroid_x"], t1["centroid_y"])).all()
+    t2 = read_table(pdir / "conic-qp" / "2.nuclei.parquet")
+    assert not shapely.covers(REGION, shapely.points(t2["centroid_x"], t2["centroid_y"])).all()
+    # classes.json: user classes kept in order, model classes added with colours, backup
+    merged = json.loads((pdir / "classifiers" / "classes.json").read_text())["pathClasses"]
+    assert [c["name"] for c in merged] == ["Tumor", "Mine", "dark", "pale"]
+    assert merged[0]["color"] == -3670016 and merged[1]["color"] == 255
+    assert argb_to_rgb(merged[2]["color"]) == DARK_PALE.by_name("dark").color
+    assert (pdir / "classifiers" / "classes.json.bak").read_bytes() == old_classes
+    assert res.classes_added == ["dark", "pale"]
+    # the Groovy import script and the one command that imports everything
+    script = pdir / "groovy" / "import_conic_qp.groovy"
+    assert script.read_bytes() == GROOVY.read_bytes()
+    assert res.command == import_command(project, script)
+    assert res.command.startswith("QuPath script -p ") and " --save " in res.command
+    # run record
+    run = json.loads((pdir / "conic-qp" / "run.json").read_text())
+    assert run["complete"] is True and run["backend"] == "geojson"
+    assert run["images"]["1"]["n_nuclei"] == len(one) and run["images"]["2"]["status"] == "done"
+    assert run["images"]["1"]["roi_area_px"] == pytest.approx(REGION.area)
+    assert run["images"]["2"]["tissue_area_px"] > 0
+    assert events[-1].stage == "finished" and {e.slide_index for e in events} == {0, 1}
+    assert not list(pdir.rglob(".*.tmp")) and not (pdir / ".conic-qp.lock").exists()
+
+    # composition of the annotated project: image 1 in its annotation, image 2 as a whole
+    slides, missing = load_cohort(project)
+    assert not missing and [r.label for r in slides[0].regions] == ["ROI 1"]
+    assert [r.label for r in slides[1].regions] == ["all"]
+    assert slides[1].regions[0].area == run["images"]["2"]["tissue_area_px"]
+    code, out = cli(
+        "composition", str(project), "-o", str(pdir / "comp.csv"), "--report", str(pdir / "r.html")
+    )
+    assert code == 0, out
+    tidy = pd.read_csv(pdir / "comp.csv")
+    assert tidy.groupby("slide")["count"].sum().to_dict() == {
+        "slide1.tif": len(one),
+        "slide2.tif": len(two),
+    }
+    assert (pdir / "comp.parquet").exists() and (pdir / "comp.summary.csv").exists()
+    assert (pdir / "r_files" / "composition.png").exists() and "overlay_2" in (
+        pdir / "r.html"
+    ).read_text()
+
+
+def test_example_project_resolves_when_cloned_elsewhere(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "CMU-1"
+    copy = tmp_path / "somewhere" / "CMU-1"
+    shutil.copytree(example, copy)
+    # as on a machine where the path the example was written at does not exist
+    text = (copy / "project.qpproj").read_text()
+    saved_dir = json.loads(text)["uri"].rsplit("/", 1)[0]
+    (copy / "project.qpproj").write_text(text.replace(saved_dir, "file:/no/such/dir/CMU-1"))
+    qp = read_project(copy / "project.qpproj")
+    (im,) = qp.images
+    assert im.ok and im.path == copy / "CMU-1-Small-Region.svs"
+    regions = {r.name: r for r in read_regions(regions_path(copy, im.entry_id))}
+    assert set(regions) == {"Tumor", "Stroma"}
+    assert regions["Tumor"].class_name == "Tumor" and regions["Stroma"].geometry.is_valid
+    assert not regions["Tumor"].geometry.intersects(regions["Stroma"].geometry)
+    assert all(shapely.box(0, 0, 2220, 2967).contains(r.geometry) for r in regions.values())
+
+
+def test_cells_carry_nucleus_geometry_and_a_project_without_classes_gets_defaults(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path, n=1)
+    (project.parent / "classifiers" / "classes.json").unlink()
+    res = annotate_project(
+        project, stand_in_models(), fast(object_type="cell"),
+        backend="geojson", regions="tissue",
+    )  # fmt: skip
+    assert res.ok and res.images[0].region_source == "tissue"
+    check_qupath_rules(features(project.parent / "detections" / "1.geojson.gz"), "cell")
+    names = [
+        c["name"]
+        for c in json.loads((project.parent / "classifiers" / "classes.json").read_text())[
+            "pathClasses"
+        ]
+    ]
+    assert names == [c["name"] for c in QUPATH_DEFAULT_CLASSES] + ["dark", "pale"]
+
+
+class FailingNet(torch.nn.Module):
+    """The stand-in network that raises on its ``fail_at``-th forward call (only that one)."""
+
+    def __init__(self, inner: torch.nn.Module, fail_at: int, exc: type[BaseException]) -> None:
+        super().__init__()
+        self.inner, self.fail_at, self.exc, self.calls = inner, fail_at, exc, 0
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.exc("simulated failure")
+        return self.inner(x)
+
+
+def failing_models(fail_at: int, exc: type[BaseException]) -> ModelSet:
+    m = stand_in_models()
+    return ModelSet([FailingNet(m.networks[0], fail_at, exc)], m.classes, m.mpp, m.params, m.info)
+
+
+def test_rerun_is_idempotent_and_interruptions_keep_old_detections(project: Path) -> None:
+    pdir = project.parent
+    s = fast(batch_size=1)  # one tile per forward call: failures land inside image 1
+    annotate_project(project, stand_in_models(), s, backend="geojson")
+    det = {i: (pdir / "detections" / f"{i}.geojson.gz") for i in ("1", "2")}
+    first = {i: features(p) for i, p in det.items()}
+    annotate_project(project, stand_in_models(), s, backend="geojson")
+    for i, p in det.items():
+        again = features(p)
+        assert [f["id"] for f in again] == [f["id"] for f in first[i]]  # same ids, not twice
+    old_bytes = {i: p.read_bytes() for i, p in det.items()}
+    project_bytes = project.read_bytes()
+
+    # Ctrl-C in the middle of image 1: it propagates, nothing half-written stays behind
+    with pytest.raises(KeyboardInterrupt):
+        annotate_project(project, failing_models(2, KeyboardInterrupt), s, backend="geojson")
+    assert {i: p.read_bytes() for i, p in det.items()} == old_bytes
+    assert project.read_bytes() == project_bytes and read_project(project).images
+    assert not (pdir / ".conic-qp.lock").exists() and not list(pdir.rglob(".*.tmp"))
+    run = json.loads((pdir / "conic-qp" / "run.json").read_text())
+    assert run["complete"] is False and run["images"]["1"]["error"] == "interrupted"
+
+    # an error inside image 1: recorded, image 2 still done, image 1's old detections intact
+    res = annotate_project(project, failing_models(2, RuntimeError), s, backend="geojson")
+    assert [o.status for o in res.images] == ["failed", "done"]
+    assert "simulated failure" in res.failures["1 (slide1.tif)"]
+    assert det["1"].read_bytes() == old_bytes["1"]
+
+
+def test_missing_image_fails_alone_and_unknown_images_are_refused(project: Path) -> None:
+    (project.parent.parent / "slides" / "slide1.tif").unlink()
+    res = annotate_project(project, stand_in_models(), fast(), backend="geojson")
+    assert [o.status for o in res.images] == ["failed", "done"]
+    assert "not found" in res.failures["1 (slide1.tif)"]
+    assert (project.parent / "detections" / "2.geojson.gz").exists()
+    with pytest.raises(ConicQPError, match="not in project"):
+        annotate_project(project, stand_in_models(), fast(), images=["nope"], backend="geojson")
+    with pytest.raises(ConicQPError, match="not a folder"):
+        annotate_project(project, stand_in_models(), fast(), regions_geojson=project)
+
+
+def test_regions_geojson_folder_by_image_name(project: Path, tmp_path: Path) -> None:
+    rdir = tmp_path / "exported"
+    rdir.mkdir()
+    square = shapely.box(100, 100, 200, 220)
+    (rdir / "slide2.geojson").write_text(
+        json.dumps(
+            {"type": "Feature", "geometry": shapely.geometry.mapping(square), "properties": {}}
+        )
+    )
+    res = annotate_project(
+        project, stand_in_models(), fast(), images=["slide2.tif"],
+        regions_geojson=rdir, backend="geojson",
+    )  # fmt: skip
+    assert [o.entry_id for o in res.images] == ["2"] and res.images[0].n_regions == 1
+    t2 = read_table(project.parent / "conic-qp" / "2.nuclei.parquet")
+    assert (
+        len(t2) and shapely.covers(square, shapely.points(t2["centroid_x"], t2["centroid_y"])).all()
+    )
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = ConicNet(ModelConfig("test_efficientnet", 2, decoder_channels=(32, 16, 16, 8, 8)))
+    params = PostprocessParams.uniform(2, fg=0.3, seed=0.34, min_size=4, min_solidity=0.0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return save_checkpoint(path, net, DARK_PALE, 0.5, thresholds=params.to_json())
+
+
+def one_error_line(out: str) -> str:
+    """The CLI's error: exactly one line starting with ``error:``."""
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, list(args))
+    return res.exit_code, res.output
+
+
+def test_cli_annotate_exit_codes(project: Path, tiny_ckpt: Path) -> None:
+    common = [
+        "--model",
+        str(tiny_ckpt),
+        "--tta",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--backend",
+        "geojson",
+    ]
+    # a missing image: the other is done, exit 1 with the failure listed
+    (project.parent.parent / "slides" / "slide2.tif").unlink()
+    code, out = cli("annotate", str(project), *common)
+    assert code == 1, out
+    assert "slide2.tif" in out and "not found" in out
+    assert "QuPath script -p" in out and (project.parent / "detections" / "1.geojson.gz").exists()
+    code, out = cli("annotate", str(project), "--list")
+    assert code == 0 and "slide1.tif" in out
+
+    # locked by a QuPath save in progress: refused, nothing written
+    tmp = project.with_name("project.qpproj.tmp")
+    tmp.write_text("{}")
+    code, out = cli("annotate", str(project), *common)
+    assert code == 2 and "QuPath is saving" in one_error_line(out)
+    tmp.unlink()
+
+    # malformed project: one-line error, the file left byte for byte
+    project.write_bytes(b'{"version": "0.5.1", "images": [')
+    before = project.read_bytes()
+    listing = sorted(p.relative_to(project.parent) for p in project.parent.rglob("*"))
+    code, out = cli("annotate", str(project), *common)
+    assert code == 2 and "not valid JSON" in one_error_line(out)
+    assert project.read_bytes() == before
+    assert sorted(p.relative_to(project.parent) for p in project.parent.rglob("*")) == listing

@@ -532,9 +532,11 @@ def predict_slide(
     scale = models.mpp / source.mpp  # level-0 px per model px
     width, height = scaled_size((w0, h0), source.mpp, models.mpp)
     grid = TileGrid((height, width), settings.tile_size, settings.halo)
+    tissue_area_px = float(w0) * float(h0)  # level-0 px^2; densities per mm^2 of tissue
     if settings.tissue_detection:
         thumb, downsample = source.thumbnail(settings.thumbnail_size)
         mask = tissue_mask(thumb)
+        tissue_area_px = float(mask.sum()) * downsample * downsample
         grid = grid.select(mask_region(mask, downsample, (0, 0, w0, h0)))
     tiles = list(grid.tiles())
     if roi is not None and tiles:
@@ -657,6 +659,8 @@ def predict_slide(
         "settings": settings.to_json(),
         "device": str(device),
         "roi": shapely.to_wkt(roi, rounding_precision=2) if roi is not None else None,
+        "roi_area_px": float(roi.area) if roi is not None else None,
+        "tissue_area_px": tissue_area_px,
         "grid": {
             "shape_model_px": [height, width],
             "tiles_total": grid.rows * grid.cols,

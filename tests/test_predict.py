@@ -194,6 +194,9 @@ def test_outputs_run_json_and_geojson(synth: np.ndarray, tmp_path: Path) -> None
     assert run["settings"]["tile_size"] == 128 and run["settings"]["tta"]["passes"] == 1
     assert {"read_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(run["timings"])
     assert run["slide"]["mpp"] == 0.5 and run["model_mpp"] == 0.5
+    # Densities are per tissue area: the synthetic slide is partly glass.
+    w, h = run["slide"]["dimensions"]
+    assert 0.1 * w * h < run["tissue_area_px"] < 0.95 * w * h and run["roi_area_px"] is None
     # progress: tile counts grow to the total, the last event says done
     tiles = [e for e in events if e.stage == "tiles"]
     assert tiles[-1].tiles_done == tiles[-1].tiles_total == res.n_tiles

@@ -458,3 +458,28 @@ def _normalisation(encoder: nn.Module, in_chans: int) -> tuple[torch.Tensor, tor
 def _short(exc: BaseException, limit: int = 160) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is a one-line error."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConicQPError(f"unknown device {name!r}; use cpu, cuda, mps or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConicQPError("--device cuda: no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConicQPError("--device mps: Apple MPS is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConicQPError(f"unsupported device {name!r}; use cpu, cuda, mps or auto")
+    return device

@@ -44,7 +44,8 @@ def load_eval_data(
     from conic_qp.checkpoint import load_checkpoint
     from conic_qp.train.config import DataSection, load_config
     from conic_qp.train.data import concat_sets, retile
-    from conic_qp.train.loop import prepare_data, read_source, resolve_device
+    from conic_qp.model import resolve_device
+    from conic_qp.train.loop import prepare_data, read_source
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(model_path, device=str(dev))

@@ -35,7 +35,7 @@ from conic_qp.checkpoint import load_checkpoint, save_checkpoint
 from conic_qp.classes import CONIC, CONSEP, ClassScheme
 from conic_qp.errors import ConicQPError
 from conic_qp.metrics import EvaluationResult, evaluate
-from conic_qp.model import ConicNet, ModelConfig
+from conic_qp.model import ConicNet, ModelConfig, resolve_device
 from conic_qp.postprocess import PostprocessParams
 from conic_qp.targets import make_targets
 from conic_qp.train.augment import Augmenter
@@ -65,27 +65,6 @@ STATE_FILE = "train_state.pt"
 
 
 # ----------------------------------------------------------------------------------- devices
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an unavailable explicit device is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConicQPError(
-            f"--device {name} asked for, but no CUDA GPU is available; use --device cpu"
-        )
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ):
-        raise ConicQPError("--device mps asked for, but MPS is not available; use --device cpu")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise ConicQPError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    return torch.device(name)
 
 
 # -------------------------------------------------------------------------------------- data

@@ -42,9 +42,9 @@ def load_eval_data(
 ) -> tuple[Any, Any]:
     """(Checkpoint, LabelledSet) for scoring: ``--data`` specs or a training config's val split."""
     from conic_qp.checkpoint import load_checkpoint
+    from conic_qp.model import resolve_device
     from conic_qp.train.config import DataSection, load_config
     from conic_qp.train.data import concat_sets, retile
-    from conic_qp.model import resolve_device
     from conic_qp.train.loop import prepare_data, read_source
 
     dev = resolve_device(device)

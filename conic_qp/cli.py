@@ -395,7 +395,7 @@ def annotate_cmd(
     from rich.table import Table
 
     from conic_qp.annotate import annotate_project
-    from conic_qp.predict import PredictSettings, default_model_path, load_models
+    from conic_qp.predict import PredictSettings, load_models
     from conic_qp.qupath.project import read_project
     from conic_qp.tta import TTAConfig
 
@@ -410,10 +410,7 @@ def annotate_cmd(
         return
     paths = list(model_paths)
     if not paths:
-        default = default_model_path()
-        if default is None:
-            raise ConicQPError("no model given; pass --model CHECKPOINT (a checkpoint folder)")
-        paths = [str(default)]
+        paths = [_bundled_model()]
     settings = PredictSettings(
         tile_size=tile_size,
         batch_size=batch_size,
@@ -602,7 +599,6 @@ def predict_cmd(
 
     from conic_qp.predict import (
         PredictSettings,
-        default_model_path,
         expand_inputs,
         load_models,
         predict_paths,
@@ -617,10 +613,7 @@ def predict_cmd(
         first = next(iter(missing.values()), "no input given")
         raise ConicQPError(f"no slide to run: {first}")
     if not model_paths:
-        default = default_model_path()
-        if default is None:
-            raise ConicQPError("no model given and none is bundled; pass --model CHECKPOINT_FOLDER")
-        model_paths = (str(default),)
+        model_paths = (_bundled_model(),)
     roi = None
     if rois or roi_geojson:
         boxes = [_parse_roi(text) for text in rois]
@@ -735,6 +728,20 @@ class _PredictProgress:
             self._progress.update(self._slides, completed=event.slide_index + 1)
         else:
             self._progress.update(self._tiles, description=f"{event.stage} {event.slide}")
+
+
+def _bundled_model() -> str:
+    from conic_qp.predict import default_model_path
+
+    default = default_model_path()
+    if default is None:
+        raise ConicQPError("no model given and none is bundled; pass --model CHECKPOINT_FOLDER")
+    console.print(
+        f"[yellow]using the bundled demonstration model ({default.name}, CoNSeP classes; "
+        "see docs/models.md); pass --model for your own[/]",
+        highlight=False,
+    )
+    return str(default)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -256,9 +256,16 @@ class ModelSet:
         return self
 
 
+#: The model shipped inside the package (see docs/models.md): used when no --model is given.
+BUNDLED_MODEL = "demo-consep"
+
+
 def default_model_path() -> Path | None:
-    """The bundled default model, if this installation ships one (none yet)."""
-    return None
+    """The bundled demonstration model's folder, or None if this installation lacks it."""
+    from importlib import resources
+
+    path = Path(str(resources.files("conic_qp") / "models" / BUNDLED_MODEL))
+    return path if (path / "config.json").is_file() else None
 
 
 def load_models(

@@ -96,8 +96,15 @@ def test_roi_thresholds_and_quiet(ckpt: Path, slides: Path, tmp_path: Path) -> N
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(
-    ckpt: Path, slides: Path, tmp_path: Path, extra: list[str], message: str
+    ckpt: Path,
+    slides: Path,
+    tmp_path: Path,
+    extra: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # An installation without the bundled model: no --model is then an error.
+    monkeypatch.setattr("conic_qp.predict.default_model_path", lambda: None)
     if extra and extra[0] != "--model":
         extra = ["--model", str(ckpt), *extra]
     code, text = run(str(slides / "b.tif"), "-o", str(tmp_path), *FAST, *extra)

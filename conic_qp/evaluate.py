@@ -81,9 +81,7 @@ def check_pair(pred: np.ndarray, true: np.ndarray) -> None:
         )
 
 
-def check_values(
-    arr: np.ndarray, n_classes: int, what: str, chunk_size: int = CHUNK
-) -> None:
+def check_values(arr: np.ndarray, n_classes: int, what: str, chunk_size: int = CHUNK) -> None:
     """Integer ids >= 0, class ids <= C, and one class per instance, checked chunk by chunk."""
     if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
         for start in range(0, arr.shape[0], chunk_size):

@@ -330,7 +330,7 @@ def _load_consep(root: Path, n_tiles: int) -> np.ndarray:
     from PIL import Image
     from scipy.io import loadmat
 
-    pngs = sorted((root / "consep" / "inst_png" / "test").glob("*.png"))[:: 7][:n_tiles]
+    pngs = sorted((root / "consep" / "inst_png" / "test").glob("*.png"))[::7][:n_tiles]
     tiles = []
     for png in pngs:
         inst = np.asarray(Image.open(png)).astype(np.int64)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
 from conic_qp.model import ConicNet, ModelConfig
+from conic_qp.sinks import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(_dumps(config, "checkpoint config"), encoding="utf-8")
         if thresholds_text is not None:
             (tmp / THRESHOLDS_FILE).write_text(thresholds_text, encoding="utf-8")
-        _replace_folder(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -314,21 +315,6 @@ def _load_state(
     # Stored fp16 tensors come back in the model's dtypes (fp32).
     converted = {k: v.to(own[k].dtype) for k, v in state.items()}
     model.load_state_dict(converted, strict=True)
-
-
-def _replace_folder(tmp: Path, target: Path) -> None:
-    """Move a complete temporary folder to ``target``, replacing an old checkpoint safely."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)  # put the previous checkpoint back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_mpp(value: Any, what: str) -> float:

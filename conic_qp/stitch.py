@@ -12,7 +12,6 @@ label map is wanted, pastes the owned labels into it with slide-wide ids
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -28,11 +27,12 @@ from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
 from conic_qp.objects import instances_to_table, nucleus_id
 from conic_qp.postprocess import Instances, PostprocessParams, postprocess
+from conic_qp.sinks import replace_dir
 from conic_qp.tiling import Tile, owned_instances
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabelMapWriter", "TileJob", "TileOutput", "process_tile", "replace_dir"]
+__all__ = ["LabelMapWriter", "TileJob", "TileOutput", "process_tile"]
 
 
 @dataclass
@@ -135,21 +135,6 @@ def _row_labels(
     cy = origin[1] + job.scale * (np.bincount(lab, rr, minlength=owned.n + 1) / counts + 0.5)
     by_id = {nucleus_id(job.image_id, float(cx[k]), float(cy[k])): k for k in range(owned.n, 0, -1)}
     return np.array([by_id.get(i, 0) for i in table["id"]], dtype=np.int64)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a complete temporary folder onto ``target`` (replacing an old one) atomically."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class LabelMapWriter:

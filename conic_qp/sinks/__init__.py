@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_path", "write_json_atomic"]
+__all__ = ["atomic_open", "atomic_path", "replace_dir", "write_json_atomic"]
 
 
 @contextlib.contextmanager
@@ -72,3 +74,22 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, indent: int | 
         json.dump(data, fh, indent=indent, ensure_ascii=False)
         fh.write("\n")
     return Path(path)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a complete temporary folder onto ``target``, replacing an old one safely.
+
+    The old folder is moved aside first and deleted only once the new one is in place; if the
+    swap fails it is put back, so ``target`` always holds one complete version.
+    """
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,7 @@ Used for docs/img/cmu1-overlay.png::
 
     conic-qp annotate examples/CMU-1/project.qpproj --tta 4
     python scripts/render_overlay.py examples/CMU-1/CMU-1-Small-Region.svs \
-        examples/CMU-1/conic-qp/1.nuclei.parquet docs/img/cmu1-overlay.png --box 700,1350,900,600
+        examples/CMU-1/conic-qp/1.nuclei.parquet docs/img/cmu1-overlay.png --box 1000,900,340,300 --scale 2
 """
 
 from __future__ import annotations

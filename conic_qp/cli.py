@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
 from conic_qp import __version__
 from conic_qp.errors import ConicQPError
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from conic_qp.metrics import EvaluationResult
 
 console = Console(stderr=True)
 log = logging.getLogger("conic_qp")
@@ -106,7 +112,7 @@ def evaluate_cmd(
     """
     import json
 
-    from conic_qp.evaluate import evaluate_files, parse_class_names, render_result
+    from conic_qp.evaluate import evaluate_files, parse_class_names
 
     if model_path is not None:
         if pred_path or true_path:
@@ -125,7 +131,7 @@ def evaluate_cmd(
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
-        Console().print(render_result(result))
+        Console().print(_render_scores(result))
 
 
 @main.command("train")
@@ -728,6 +734,30 @@ class _PredictProgress:
             self._progress.update(self._slides, completed=event.slide_index + 1)
         else:
             self._progress.update(self._tiles, description=f"{event.stage} {event.slide}")
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.4f}"
+
+
+def _render_scores(result: EvaluationResult) -> RenderableType:
+    """Summary table and per-class table of CoNIC scores."""
+    from rich.console import Group
+    from rich.table import Table
+
+    summary = Table(title="CoNIC metrics", title_justify="left")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("PQ (binary, mean over images)", _fmt(result.pq))
+    summary.add_row("mPQ+ (pooled over images)", _fmt(result.mpq_plus))
+    summary.add_row("R2 (Task-2 counts)", _fmt(result.r2))
+    per_class = Table(title="per class", title_justify="left")
+    per_class.add_column("class")
+    per_class.add_column("PQ", justify="right")
+    per_class.add_column("R2", justify="right")
+    for name, pq in result.pq_per_class.items():
+        per_class.add_row(name, _fmt(pq), _fmt(result.r2_per_class[name]))
+    return Group(summary, per_class)
 
 
 def _bundled_model() -> str:

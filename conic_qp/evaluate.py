@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from rich.console import Group, RenderableType
-from rich.table import Table
 
 from conic_qp.classes import CONIC, ClassScheme
 from conic_qp.errors import ConicQPError
@@ -173,24 +171,3 @@ def evaluate_files(
     pred = load_labels(pred_path, "prediction")
     true = load_labels(true_path, "truth")
     return evaluate_arrays(pred, true, class_names)
-
-
-def _fmt(v: float) -> str:
-    return "n/a" if np.isnan(v) else f"{v:.4f}"
-
-
-def render_result(result: EvaluationResult) -> RenderableType:
-    """Summary table and per-class table, for printing with a rich console."""
-    summary = Table(title="CoNIC metrics", title_justify="left")
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
-    summary.add_row("PQ (binary, mean over images)", _fmt(result.pq))
-    summary.add_row("mPQ+ (pooled over images)", _fmt(result.mpq_plus))
-    summary.add_row("R2 (Task-2 counts)", _fmt(result.r2))
-    per_class = Table(title="per class", title_justify="left")
-    per_class.add_column("class")
-    per_class.add_column("PQ", justify="right")
-    per_class.add_column("R2", justify="right")
-    for name, pq in result.pq_per_class.items():
-        per_class.add_row(name, _fmt(pq), _fmt(result.r2_per_class[name]))
-    return Group(summary, per_class)

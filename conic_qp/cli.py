@@ -45,7 +45,9 @@ def main(verbose: int, log_file: str | None) -> None:
     handlers: list[logging.Handler] = []
     from rich.logging import RichHandler
 
-    handlers.append(RichHandler(console=console, show_path=False, level=level))
+    rich_handler = RichHandler(console=console, show_path=False, level=level)
+    rich_handler.setFormatter(logging.Formatter("%(message)s"))  # rich shows time and level
+    handlers.append(rich_handler)
     if log_file:
         fh = logging.FileHandler(log_file)
         fh.setLevel(logging.DEBUG)

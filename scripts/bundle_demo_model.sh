@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the bundled demonstration model (conic_qp/models/demo-consep) and its model-card scores.
-# Needs ../shared/data (CoNSeP, MoNuSeg). CPU: about 45 min of training on 2 cores.
+# Needs ../shared/data (CoNSeP, MoNuSeg). CPU: about 75 min of training on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 conic-qp train --config examples/demo-consep/train.yaml            # best checkpoint by val mPQ+

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import gzip
 import hashlib
 import json
 import logging
@@ -67,6 +66,7 @@ from conic_qp.errors import ConicQPError
 from conic_qp.model import resolve_device
 from conic_qp.objects import table_schema
 from conic_qp.postprocess import PostprocessParams
+from conic_qp.sinks.geojson import write_geojson
 from conic_qp.slides import SlideSource, open_slide, scaled_size
 from conic_qp.stitch import LabelMapWriter, TileJob, TileOutput, process_tile
 from conic_qp.tiling import Tile, TileGrid
@@ -593,7 +593,14 @@ def predict_slide(
         writer.close()
         writer = None
         report(Progress(source.name, "writing", len(tiles), len(tiles), counts["total"]))
-        _write_geojson_from_parquet(table_tmp, geojson_tmp, models.classes, settings.object_type)
+        batches = pq.ParquetFile(table_tmp).iter_batches(batch_size=5000)
+        write_geojson(
+            (b.to_pandas() for b in batches),
+            geojson_tmp,
+            models.classes,
+            object_type=settings.object_type,
+            gzip=True,
+        )
         # from here the slide's outputs change: its old run.json no longer vouches for them
         with contextlib.suppress(FileNotFoundError):
             paths["run"].unlink()
@@ -861,28 +868,6 @@ def _pq_meta(metadata: dict[str, Any]) -> dict[bytes, bytes]:
     from conic_qp.sinks.tables import METADATA_KEY
 
     return {METADATA_KEY: json.dumps(metadata, ensure_ascii=False).encode("utf-8")}
-
-
-def _write_geojson_from_parquet(
-    table_path: Path, out: Path, classes: ClassScheme, object_type: Literal["detection", "cell"]
-) -> int:
-    """Stream a nucleus table into a gzipped QuPath FeatureCollection, one batch at a time."""
-    from conic_qp.sinks.geojson import iter_features
-
-    n = 0
-    with (
-        out.open("wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
-    ):
-        gz.write(b'{"type":"FeatureCollection","features":[\n')
-        for batch in pq.ParquetFile(table_path).iter_batches(batch_size=5000):
-            df = batch.to_pandas()
-            feats = list(iter_features(df, classes, object_type=object_type))
-            if feats:
-                gz.write(((",\n" if n else "") + ",\n".join(feats)).encode("utf-8"))
-                n += len(feats)
-        gz.write(b"\n]}\n")
-    return n
 
 
 def _tmp_name(path: Path) -> Path:

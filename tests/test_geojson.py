@@ -289,3 +289,21 @@ def test_atomic_writes_keep_the_replaced_files_permissions(tmp_path: Path) -> No
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(new_file.stat().st_mode) == 0o666 & ~umask
+
+
+def test_write_geojson_of_table_batches_equals_the_whole_table(tmp_path: Path) -> None:
+    inst = np.zeros((40, 40), np.int32)
+    for k, (r, c) in enumerate([(5, 5), (5, 25), (25, 5), (25, 25)], start=1):
+        inst[r : r + 8, c : c + 8] = k
+    table = instances_to_table(
+        Instances(inst, np.array([1, 2, 3, 1]), np.full((4, 6), 1 / 6, np.float32)),
+        CONIC,
+        mpp_level0=0.5,
+        image_id="s",
+    )
+    whole = write_geojson(table, tmp_path / "whole.geojson", CONIC)
+    parts = write_geojson(
+        (table.iloc[i : i + 3] for i in range(0, len(table), 3)), tmp_path / "parts.geojson", CONIC
+    )
+    assert json.loads(parts.read_text()) == json.loads(whole.read_text())
+    assert len(json.loads(parts.read_text())["features"]) == 4

@@ -21,11 +21,12 @@ remove the previous conic-qp detections before adding new ones (idempotent re-ru
 from __future__ import annotations
 
 import gzip as gzip_mod
+import itertools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -219,7 +220,7 @@ def _polygons_json(geoms: np.ndarray) -> list[str | None]:
 
 
 def write_geojson(
-    table: pd.DataFrame,
+    table: pd.DataFrame | Iterable[pd.DataFrame],
     path: str | os.PathLike[str],
     classes: ClassScheme,
     object_type: ObjectType = "detection",
@@ -232,12 +233,17 @@ def write_geojson(
 
     ``gzip=None`` compresses when the name ends with ``.gz``. Features are serialised one by
     one and written in chunks, so memory stays bounded for millions of nuclei; the file appears
-    under its final name only when complete. Returns the path written.
+    under its final name only when complete. ``table`` may also be an iterable of tables (e.g.
+    the row batches of a Parquet file), written one after the other. Returns the path written.
     """
     path = Path(path)
     if gzip is None:
         gzip = path.name.lower().endswith(".gz")
-    features = iter_features(table, classes, object_type=object_type, cell_expansion=cell_expansion)
+    tables = [table] if isinstance(table, pd.DataFrame) else table
+    features = itertools.chain.from_iterable(
+        iter_features(t, classes, object_type=object_type, cell_expansion=cell_expansion)
+        for t in tables
+    )
     n = 0
     with atomic_open(path, "wb") as raw:
         sink: IO[bytes] | gzip_mod.GzipFile = raw

@@ -7,7 +7,7 @@ of 32 are re-cut into 256 px tiles so the network can run on them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -71,24 +71,26 @@ def load_eval_data(
     return ckpt, val
 
 
-def predict_set(
-    ckpt: Any, data: Any, tta: int = 1, seed: int = 0, batch_size: int = 8
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(semantic, three_label) probabilities of every tile; ``tta`` > 1 adds MC dropout."""
+def iter_probabilities(
+    model: Any, images: Any, tta: int = 1, seed: int = 0, batch_size: int = 8
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(semantic, three_label) probabilities of each (N, H, W, 3) uint8 tile, one at a time.
+
+    ``tta`` = 1 is a plain eval-mode forward pass; more passes add TTA and MC dropout. Tiles are
+    yielded as they are computed, so scoring many tiles never holds all their probabilities.
+    """
     import torch
 
     from conic_qp.tta import TTAConfig, predict_probabilities
 
-    device = next(ckpt.model.parameters()).device
+    device = next(model.parameters()).device
     cfg = TTAConfig(passes=tta, mc_dropout=tta > 1)
-    probs: list[tuple[np.ndarray, np.ndarray]] = []
-    for i in range(0, len(data), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(data.images[i : i + batch_size])))
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images[i : i + batch_size])))
         x = x.permute(0, 3, 1, 2).float().div(255).to(device)
-        out = predict_probabilities([ckpt.model], x, cfg, seed=seed + i)
+        out = predict_probabilities([model], x, cfg, seed=seed + i)
         sem, tl = out["semantic"].cpu().numpy(), out["three_label"].cpu().numpy()
-        probs.extend((sem[j], tl[j]) for j in range(sem.shape[0]))
-    return probs
+        yield from ((sem[j], tl[j]) for j in range(sem.shape[0]))
 
 
 def labelled_truth(data: Any) -> np.ndarray:
@@ -141,7 +143,7 @@ def evaluate_checkpoint(
         if thresholds
         else PostprocessParams.default(ckpt.classes.n_classes)
     )
-    pred = predicted_labels(predict_set(ckpt, data, tta=tta, seed=seed), params)
+    pred = predicted_labels(iter_probabilities(ckpt.model, data.images, tta, seed), params)
     true = labelled_truth(data)
     if save_pred is not None:
         target = Path(save_pred)

@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from conic_qp.train.data import (
     retile,
     scheme_from_json,
 )
-from conic_qp.train.evaluation import labelled_truth, predicted_labels
+from conic_qp.train.evaluation import iter_probabilities, labelled_truth, predicted_labels
 from conic_qp.train.losses import ConicLoss
 from conic_qp.train.sampling import EpochSampler, class_pixel_fractions, importance_weights
 
@@ -229,35 +229,18 @@ def _worker_init(worker_id: int) -> None:
 # -------------------------------------------------------------------------------- validation
 
 
-@torch.no_grad()
-def predict_tiles(
-    model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 8
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Softmax (semantic, three_label) of each tile, one plain forward pass (eval mode)."""
-    model.eval()
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images[start : start + batch_size])))
-        x = x.permute(0, 3, 1, 2).float().div_(255.0).to(device)
-        out = model(x)
-        sem = torch.softmax(out["semantic"].float(), 1).cpu().numpy()
-        tl = torch.softmax(out["three_label"].float(), 1).cpu().numpy()
-        for i in range(sem.shape[0]):
-            yield sem[i], tl[i]
-
-
 def validate(
     model: torch.nn.Module,
     val: LabelledSet,
     scheme: ClassScheme,
-    device: torch.device,
     params: PostprocessParams | None = None,
     batch_size: int = 8,
 ) -> EvaluationResult:
-    """CoNIC scores of the model on labelled tiles (no TTA, post-processing ``params``)."""
+    """CoNIC scores of the model (on its own device) on labelled tiles, no TTA."""
     if val.class_maps is None:
         raise ConicQPError("validation data has no class labels")
     params = params or PostprocessParams.default(scheme.n_classes)
-    pred = predicted_labels(predict_tiles(model, val.images, device, batch_size), params)
+    pred = predicted_labels(iter_probabilities(model, val.images, batch_size=batch_size), params)
     return evaluate(pred, labelled_truth(val), scheme.names)
 
 
@@ -508,7 +491,6 @@ def train(
                     model,
                     data.val,
                     scheme,
-                    device,
                     postprocess_params,
                     config.validation.batch_size,
                 )

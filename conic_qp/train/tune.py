@@ -198,7 +198,7 @@ def tune_on_data(
     ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``); ``output`` writes the
     thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint.
     """
-    from conic_qp.train.evaluation import labelled_truth, load_eval_data, predict_set
+    from conic_qp.train.evaluation import iter_probabilities, labelled_truth, load_eval_data
 
     ckpt, val = load_eval_data(model_path, data_specs, config_path, max_tiles, device, seed)
     scheme = ckpt.classes
@@ -212,7 +212,7 @@ def tune_on_data(
         raise ConicQPError(f"cannot disable {unknown}; choose from {', '.join(ABLATION_FLAGS)}")
     switches: dict[str, Any] = {flag: False for flag in disable}
     start = dataclasses.replace(start, **switches)
-    probs = predict_set(ckpt, val, tta=tta, seed=seed)
+    probs = list(iter_probabilities(ckpt.model, val.images, tta, seed))  # re-scored per grid point
     true = labelled_truth(val)
     results = []
     for task in tasks:

@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from conic_qp.errors import ConicQPError
 from conic_qp.metrics import evaluate
 from conic_qp.postprocess import PostprocessParams
+from conic_qp.sinks import write_json_atomic
 from conic_qp.train.evaluation import predicted_labels
 
 logger = logging.getLogger(__name__)
@@ -167,15 +167,8 @@ def write_thresholds(checkpoint: str | Path, result: TuneResult) -> Path:
     if target.exists():
         backup = target.with_name(target.name + ".bak")
         backup.write_bytes(target.read_bytes())
-    _write_json_atomic(target, result.params.to_json())
+    write_json_atomic(target, result.params.to_json())
     return target
-
-
-def _write_json_atomic(target: Path, payload: Any) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
 
 
 def tune_on_data(
@@ -223,6 +216,6 @@ def tune_on_data(
             target = Path(output)
             if task == 2:
                 target = target.with_name(f"{target.stem}_task2{target.suffix or '.json'}")
-            _write_json_atomic(target, result.params.to_json())
+            write_json_atomic(target, result.params.to_json())
             results.append((result, target))
     return results

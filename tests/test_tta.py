@@ -124,7 +124,7 @@ def test_ensemble_counts_as_more_passes() -> None:
     p1 = predict_probabilities([m1], x, cfg)["semantic"]
     p2 = predict_probabilities([m2], x, cfg)["semantic"]
     both = predict_probabilities([m1, m2], x, cfg)["semantic"]
-    assert torch.allclose(both, (p1 + p2) / 2, atol=1e-6)
+    assert torch.allclose(both, (p1 + p2) / 2, atol=1e-5)  # two members batched vs alone
 
 
 def test_chunking_does_not_change_the_result() -> None:
@@ -136,7 +136,8 @@ def test_chunking_does_not_change_the_result() -> None:
     b = predict_probabilities(
         [model], x, TTAConfig(passes=6, mc_dropout=False, max_batch=64), seed=5
     )
-    assert torch.allclose(a["three_label"], b["three_label"], atol=1e-6)
+    # other chunk sizes run other batch shapes: float32 kernels may round differently (~1e-7)
+    assert torch.allclose(a["three_label"], b["three_label"], atol=1e-5)
 
 
 def test_bad_config_and_input() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from conic_qp.classes import CONIC, ClassScheme
 from conic_qp.errors import ConicQPError
+from conic_qp.inputs import load_npy
 from conic_qp.metrics import EvaluationResult, evaluate
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,7 @@ def load_labels(path: str | Path, what: str) -> np.ndarray:
         raise ConicQPError(f"{what} file {p} does not exist; pass an existing .npy file")
     if p.suffix.lower() != ".npy":
         raise ConicQPError(f"{what} file {p} is not a .npy file; save the labels with numpy.save")
-    try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ConicQPError(f"cannot read {what} file {p} as a numpy array ({exc})") from exc
-    if not isinstance(arr, np.ndarray):  # pragma: no cover - np.load on .npy returns arrays
-        raise ConicQPError(f"{what} file {p} does not hold a single array")
+    arr = load_npy(p, what, mmap_mode="r")  # never unpickles; says what a non-.npy file is
     check_shape(arr, what)
     return arr
 

@@ -113,10 +113,19 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     out["not_npy"] = (["--pred", str(txt), "--true", str(t)], "is not a .npy file")
     junk = tmp_path / "junk.npy"
     junk.write_bytes(b"not an array")
-    out["unreadable"] = (["--pred", str(junk), "--true", str(t)], "cannot read prediction file")
+    out["unreadable"] = (
+        ["--pred", str(junk), "--true", str(t)],
+        "is text (it starts with 'not an array'), not a NumPy .npy array",
+    )
     obj = tmp_path / "obj.npy"
     np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    out["pickled"] = (["--pred", str(obj), "--true", str(t)], "cannot read prediction file")
+    out["pickled"] = (["--pred", str(obj), "--true", str(t)], "holds Python objects")
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    out["empty"] = (["--pred", str(empty), "--true", str(t)], "is an empty file (0 bytes)")
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(write(tmp_path, "full.npy", pred).read_bytes()[:200])
+    out["incomplete"] = (["--pred", str(cut), "--true", str(t)], "is incomplete or damaged")
     good = write(tmp_path, "good.npy", pred)
     bad_true = true.copy()
     bad_true[0, 0, 0, 0] = -2
@@ -142,7 +151,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 BAD = [
     "ndim", "lastdim", "float", "nan", "bool", "negative_inst", "negative_class", "class_range",
     "n_mismatch", "hw_mismatch", "mixed_class", "missing", "not_npy", "unreadable", "pickled",
-    "bad_truth", "classes_too_few", "classes_empty", "classes_dup",
+    "empty", "incomplete", "bad_truth", "classes_too_few", "classes_empty", "classes_dup",
 ]  # fmt: skip
 
 

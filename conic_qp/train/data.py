@@ -29,6 +29,7 @@ from skimage.transform import downscale_local_mean, resize
 
 from conic_qp.classes import CONIC, CONSEP, ClassScheme
 from conic_qp.errors import ConicQPError
+from conic_qp.inputs import load_npy, load_pickled_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -505,7 +506,7 @@ def read_label_image(path: Path) -> np.ndarray:
     _require(path, "instance map")
     try:
         if path.suffix.lower() == ".npy":
-            arr = np.load(path)
+            arr = load_npy(path, "instance map")
         elif path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -515,6 +516,8 @@ def read_label_image(path: Path) -> np.ndarray:
 
             with Image.open(path) as im:
                 arr = np.asarray(im)
+    except ConicQPError:
+        raise
     except Exception as exc:
         raise ConicQPError(f"cannot read instance map {path} ({exc})") from exc
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or (arr.size and arr.min() < 0):
@@ -594,8 +597,8 @@ def read_conic(
     """
     folder = Path(folder)
     _require(folder, "CoNIC folder")
-    images = np.load(_require(folder / "images.npy", "images.npy"), mmap_mode="r")
-    labels = np.load(_require(folder / "labels.npy", "labels.npy"), mmap_mode="r")
+    images = load_npy(_require(folder / "images.npy", "images.npy"), "CoNIC images", mmap_mode="r")
+    labels = load_npy(_require(folder / "labels.npy", "labels.npy"), "CoNIC labels", mmap_mode="r")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ConicQPError(
             f"{folder / 'images.npy'} must be (N, H, W, 3) uint8 RGB, got {images.shape} "
@@ -906,7 +909,9 @@ def read_nucls(
 
     Each label file is a pickled dict with ``inst_map`` and ``type_map`` (1 non-tumour,
     2 tumour); scheme :data:`NUCLS`, 0.2 um/px. The folder may also be the parent of
-    ``Example-Segmentation-Non-Squared``.
+    ``Example-Segmentation-Non-Squared``. The pickles are read with
+    :func:`conic_qp.inputs.load_pickled_arrays`, which can only rebuild numpy arrays: a crafted
+    label file cannot run code.
     """
     folder = Path(folder)
     _require(folder, "NuCLS folder")
@@ -924,13 +929,12 @@ def read_nucls(
                 continue
             for p in sorted(_require(img_dir, f"NuCLS {s} images").glob("*.png")):
                 label_path = _require(folder / s / "labels" / f"{p.stem}.npy", "NuCLS label")
-                try:
-                    lab = np.load(label_path, allow_pickle=True).item()
-                    inst, cls = np.asarray(lab["inst_map"]), np.asarray(lab["type_map"])
-                except Exception as exc:
+                lab = load_pickled_arrays(label_path, "NuCLS label file")
+                if not (isinstance(lab, Mapping) and {"inst_map", "type_map"} <= set(lab)):
                     raise ConicQPError(
-                        f"{label_path} is not a dict with inst_map and type_map ({exc})"
-                    ) from exc
+                        f"NuCLS label file {label_path} is not a dict with inst_map and type_map"
+                    )
+                inst, cls = np.asarray(lab["inst_map"]), np.asarray(lab["type_map"])
                 image = read_image(p)
                 if inst.shape != image.shape[:2] or cls.shape != inst.shape:
                     raise ConicQPError(f"{label_path}: label maps do not match image {p}")

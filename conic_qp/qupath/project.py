@@ -25,12 +25,10 @@ adds conic-qp's own lock file so two conic-qp runs never write one project at on
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -40,6 +38,9 @@ from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 from conic_qp.errors import ConicQPError
+from conic_qp.inputs import read_json
+from conic_qp.locks import clean_stale_temps, hold_lock
+from conic_qp.paths import check_writable
 from conic_qp.sinks import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -344,22 +345,8 @@ def read_project(
     are returned with ``problem`` set instead.
     """
     file = find_project_file(path).resolve()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConicQPError(f"cannot read QuPath project {file}: {exc}") from None
-    if not text.strip():
-        raise ConicQPError(
-            f"QuPath project {file} is empty (a save was interrupted?); restore "
-            f"{file.name}.backup if it exists"
-        )
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConicQPError(
-            f"QuPath project {file} is not valid JSON ({exc.msg} at line {exc.lineno}); restore "
-            f"{file.name}.backup or re-save it in QuPath"
-        ) from None
+    restore = f"restore {file.name}.backup if it exists, or re-save the project in QuPath"
+    data = read_json(file, "QuPath project", restore, allow_nan=True)
     if not isinstance(data, dict) or "images" not in data:
         raise ConicQPError(f"{file} is not a QuPath project (no 'images' list)")
     images_json = data["images"]
@@ -375,16 +362,27 @@ def read_project(
 
     images: list[ProjectImage] = []
     seen_ids: set[str] = set()
+    edited = (
+        f"the file was edited by hand or damaged: {restore}, or fix that entry in "
+        f"{file.name} (a JSON file) with a text editor"
+    )
     for i, entry in enumerate(images_json):
         if not isinstance(entry, dict):
-            raise ConicQPError(f"{file}: image entry {i} is not an object; the project is corrupt")
+            kind = "null" if entry is None else type(entry).__name__
+            raise ConicQPError(
+                f"{file}: image entry {i + 1} of {len(images_json)} is a {kind}, not an object "
+                f"with the image's entryID and server; {edited}"
+            )
         raw_id = entry.get("entryID", entry.get("uniqueName"))
         if raw_id is None:
-            raise ConicQPError(f"{file}: image entry {i} has no entryID; the project is corrupt")
+            raise ConicQPError(f"{file}: image entry {i + 1} has no entryID; {edited}")
         entry_id = str(raw_id)
         if entry_id in seen_ids:
+            first = next(k for k, e in enumerate(images_json) if _raw_id(e) == entry_id)
             raise ConicQPError(
-                f"{file}: two images share entryID {entry_id}; the project is corrupt"
+                f"{file}: image entries {first + 1} and {i + 1} share entryID {entry_id}, so "
+                f"their data folders would clash; {edited} (give one of them an unused id "
+                "above lastID)"
             )
         seen_ids.add(entry_id)
         builder = entry.get("serverBuilder")
@@ -456,6 +454,13 @@ def read_project(
     )
 
 
+def _raw_id(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return None
+    raw = entry.get("entryID", entry.get("uniqueName"))
+    return None if raw is None else str(raw)
+
+
 def detections_path(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
     """Where conic-qp puts an image's detections for ``groovy/import_conic_qp.groovy``."""
     return Path(project_dir) / DETECTIONS_DIR / f"{entry_id}.geojson.gz"
@@ -471,7 +476,12 @@ def regions_path(project_dir: str | os.PathLike[str], entry_id: str | int) -> Pa
 
 def ensure_project_writable(path: str | os.PathLike[str]) -> Path:
     """Refuse to write a project that QuPath is saving, that a crash left half-saved, or that is
-    read-only. Returns the project file."""
+    read-only. Returns the project file.
+
+    Read-only follows the permission bits for every user, root included
+    (:func:`conic_qp.paths.check_writable`): a project made read-only with ``chmod -R a-w`` is
+    never written, whoever runs conic-qp.
+    """
     file = find_project_file(path)
     tmp = file.with_name(file.name + ".tmp")
     if tmp.exists():
@@ -479,34 +489,22 @@ def ensure_project_writable(path: str | os.PathLike[str]) -> Path:
             f"{tmp} exists: QuPath is saving this project or crashed while saving; close QuPath "
             "(or delete the .tmp file if QuPath is not running) and retry"
         )
-    if not os.access(file, os.W_OK) or not os.access(file.parent, os.W_OK):
-        raise ConicQPError(f"QuPath project {file} is read-only; copy it or fix its permissions")
+    check_writable(file, what="QuPath project")
     return file
 
 
 @contextlib.contextmanager
 def project_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Hold conic-qp's lock on a project while writing it (one conic-qp writer per project)."""
+    """Hold conic-qp's lock on a project while writing it (one conic-qp writer per project).
+
+    The lock records pid, host and start time (:func:`conic_qp.locks.hold_lock`): a lock left by
+    a run that was killed on this machine is taken over with a warning, and the temporary files
+    such runs left in the project folder are removed.
+    """
     file = ensure_project_writable(path)
-    lock = file.parent / LOCK_FILE
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            owner = lock.read_text(encoding="utf-8").strip()
-        except OSError:
-            owner = "unknown"
-        raise ConicQPError(
-            f"another conic-qp run is writing {file.parent} ({owner}); wait for it, or delete "
-            f"{lock} if that run is dead"
-        ) from None
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(f"pid={os.getpid()} host={socket.gethostname()} since={time.ctime()}\n")
-    try:
+    with hold_lock(file.parent / LOCK_FILE, what=str(file.parent)):
+        clean_stale_temps(file.parent)
         yield file
-    finally:
-        with contextlib.suppress(OSError):
-            lock.unlink()
 
 
 def backup_file(path: str | os.PathLike[str]) -> Path | None:

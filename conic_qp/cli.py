@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 
 from conic_qp import __version__
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, OutputError, describe_os_error
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -23,14 +23,27 @@ log = logging.getLogger("conic_qp")
 
 
 class _Group(click.Group):
-    """Turns library errors into one line on stderr and a non-zero exit code."""
+    """Turns library errors into one line on stderr and a non-zero exit code.
+
+    :class:`ConicQPError` carries its own message and exit code. Any :class:`OSError` that
+    reaches here (disk full, read-only file system, permission denied, a folder where a file
+    was expected) becomes one line naming the path and the cause, exit code 1, never a
+    traceback: the library converts the errors of its own writes (:class:`OutputError`), this
+    catches the rest in one place.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ConicQPError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            _fail(describe_os_error(exc), OutputError.exit_code)
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group)
@@ -49,7 +62,10 @@ def main(verbose: int, log_file: str | None) -> None:
     rich_handler.setFormatter(logging.Formatter("%(message)s"))  # rich shows time and level
     handlers.append(rich_handler)
     if log_file:
-        fh = logging.FileHandler(log_file)
+        try:
+            fh = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, log_file, what="log file") from None
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(fh)

@@ -9,6 +9,12 @@ so a 40x slide read at 0.5 um/px looks like a 20x scan rather than an aliased su
 Coordinates: regions are ``(x, y, w, h)`` in level-0 pixels and may be fractional, so a tile of
 the model's pixel grid maps to the slide without rounding drift; ``size=(w, h)`` fixes the output
 shape exactly. Parts of a region outside the slide are white (glass).
+
+Guards: a level-0 um/px outside :data:`MPP_RANGE` (metadata or override) is refused unless
+forced, because a typo (50 for 0.5) means a 100-fold resampling; every read first checks that
+the memory it would allocate is available (:func:`available_memory`), so a wrong um/px or a TIFF
+declaring absurd dimensions fails with one line instead of a MemoryError; a file that cannot be
+opened is described in the user's terms (empty file, text, incomplete copy).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +35,7 @@ import tiffslide
 from PIL import Image, UnidentifiedImageError
 
 from conic_qp.errors import ConicQPError
+from conic_qp.inputs import describe_content
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,8 @@ __all__ = [
     "Region",
     "SlideSource",
     "TiffSlideSource",
+    "available_memory",
+    "check_mpp",
     "open_slide",
     "scaled_size",
 ]
@@ -48,6 +58,8 @@ MPP_RANGE: tuple[float, float] = (0.1, 2.0)
 LEVEL_EPS = 0.01
 #: Level pixels read at once when a whole slide is resampled (thumbnail), to bound memory.
 _BAND_PIXELS = 64 * 1024 * 1024
+#: Share of the available memory one read may use.
+_MEMORY_SHARE = 0.8
 
 Region = tuple[float, float, float, float]
 """``(x, y, w, h)`` in level-0 pixels (floats allowed)."""
@@ -179,8 +191,9 @@ class PyramidSource:
         sx, sy = lw / w0, lh / h0  # level px per level-0 px
         box = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
         if w * h * sx * sy > _BAND_PIXELS and out_h > 1:
-            return self._read_banded(level, box, out_w, out_h)
-        return self._resample(level, box, out_w, out_h)
+            self._ensure_memory(3.0 * out_w * out_h, region, (out_w, out_h))
+            return self._read_banded(level, box, out_w, out_h, region)
+        return self._resample(level, box, out_w, out_h, region)
 
     def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
         """Whole slide, longer side <= ``max_size``; returns ``(rgb, level-0 px per thumb px)``."""
@@ -209,7 +222,12 @@ class PyramidSource:
 
     # -- internals ----------------------------------------------------------------------------
     def _read_banded(
-        self, level: int, box: tuple[float, float, float, float], out_w: int, out_h: int
+        self,
+        level: int,
+        box: tuple[float, float, float, float],
+        out_w: int,
+        out_h: int,
+        region: Region,
     ) -> np.ndarray:
         """Resample in horizontal bands so huge single-level reads stay within memory."""
         bx0, by0, bx1, by1 = box
@@ -219,13 +237,34 @@ class PyramidSource:
         for r0 in range(0, out_h, rows_per_band):
             r1 = min(out_h, r0 + rows_per_band)
             band_box = (bx0, by0 + r0 * step, bx1, by0 + r1 * step)
-            bands.append(self._resample(level, band_box, out_w, r1 - r0))
+            band = self._resample(level, band_box, out_w, r1 - r0, region, (out_w, out_h))
+            bands.append(band)
         return np.concatenate(bands, axis=0)
 
+    def _ensure_memory(self, nbytes: float, region: Region | None, out: tuple[int, int]) -> None:
+        """Refuse a read that would need more memory than is available (before allocating)."""
+        free = available_memory()
+        if free is None or nbytes <= _MEMORY_SHARE * free:
+            return
+        where = "a region" if region is None else "region " + ",".join(f"{v:.4g}" for v in region)
+        raise ConicQPError(
+            f"reading {where} of {self._name} into {out[0]} x {out[1]} px needs "
+            f"{_size(nbytes)} of memory, "
+            f"more than the {_size(free)} available; the slide's {self._mpp:.4g} um/px is "
+            "probably wrong (check --mpp), or read a smaller region"
+        )
+
     def _resample(
-        self, level: int, box: tuple[float, float, float, float], out_w: int, out_h: int
+        self,
+        level: int,
+        box: tuple[float, float, float, float],
+        out_w: int,
+        out_h: int,
+        region: Region | None = None,
+        out_size: tuple[int, int] | None = None,
     ) -> np.ndarray:
         lw, lh = self._level_dims[level]
+        out_size = out_size or (out_w, out_h)
         bx0, by0, bx1, by1 = box
         # Integer window [wx0, wx1) x [wy0, wy1) holding the box; the part outside the level is
         # glass (white). Around it, the Lanczos support (3 output px) is read where it exists.
@@ -235,13 +274,19 @@ class PyramidSource:
         aligned = (bx0, by0, bx1, by1) == (wx0, wy0, wx1, wy1)
         inside = 0 <= wx0 and 0 <= wy0 and wx1 <= lw and wy1 <= lh
         if aligned and inside and (out_w, out_h) == (wx1 - wx0, wy1 - wy0):
+            self._ensure_memory(3.0 * out_w * out_h, region, out_size)
             return self._read_level(level, wx0, wy0, wx1, wy1)  # a plain crop of this level
         margin = math.ceil(3 * max((bx1 - bx0) / out_w, (by1 - by0) / out_h, 1.0)) + 1
         rx0, ry0 = max(0, wx0 - margin), max(0, wy0 - margin)
         rx1, ry1 = min(lw, wx1 + margin), min(lh, wy1 + margin)
-        pixels = self._read_level(level, rx0, ry0, rx1, ry1)
         ax0, ay0 = min(rx0, wx0), min(ry0, wy0)
         ax1, ay1 = max(rx1, wx1), max(ry1, wy1)
+        # read + white padding + Pillow's intermediate (one pass per axis) + output
+        window = float(rx1 - rx0) * (ry1 - ry0)
+        padded = float(ax1 - ax0) * (ay1 - ay0)
+        need = 3.0 * (window + padded + out_w * float(ay1 - ay0) + out_w * out_h)
+        self._ensure_memory(need, region, out_size)
+        pixels = self._read_level(level, rx0, ry0, rx1, ry1)
         if (ax0, ay0, ax1, ay1) != (rx0, ry0, rx1, ry1):
             full = np.full((ay1 - ay0, ax1 - ax0, 3), 255, np.uint8)
             full[ry0 - ay0 : ry1 - ay0, rx0 - ax0 : rx1 - ax0] = pixels
@@ -281,7 +326,7 @@ class _LevelCoordTiffSlide(tiffslide.TiffSlide):
 class TiffSlideSource(PyramidSource):
     """Any TIFF that tiffslide opens (SVS, generic and OME pyramidal TIFF, plain TIFF)."""
 
-    def __init__(self, path: Path, mpp: float | None = None) -> None:
+    def __init__(self, path: Path, mpp: float | None = None, *, force_mpp: bool = False) -> None:
         self._name = path.name
         self._path = path
         try:
@@ -300,6 +345,7 @@ class TiffSlideSource(PyramidSource):
         try:
             self._check_pixels(axes, series.dtype, series.shape)
             _check_truncated(path, series)
+            _check_declared_size(path, series)
             self._alpha = axes == "YXS" and int(series.shape[-1]) == 4
             meta_mpp = _ome_mpp(tf) if tf.is_ome else None
             if meta_mpp is None:
@@ -307,7 +353,7 @@ class TiffSlideSource(PyramidSource):
                     props.get(tiffslide.PROPERTY_NAME_MPP_X),
                     props.get(tiffslide.PROPERTY_NAME_MPP_Y),
                 )
-            self._mpp = _resolve_mpp(self._name, meta_mpp, mpp)
+            self._mpp = _resolve_mpp(self._name, meta_mpp, mpp, force=force_mpp)
             # Decode one pixel of the coarsest level now, so a broken codec fails at open time.
             self._read_level(len(self._level_dims) - 1, 0, 0, 1, 1)
         except BaseException:
@@ -340,7 +386,9 @@ class TiffSlideSource(PyramidSource):
             self._slide = None
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> PyramidSource:
+def open_slide(
+    path: str | Path, mpp: float | None = None, *, force_mpp: bool = False
+) -> PyramidSource:
     """Open a slide or image file as a :class:`SlideSource`.
 
     Parameters
@@ -348,20 +396,21 @@ def open_slide(path: str | Path, mpp: float | None = None) -> PyramidSource:
     path : SVS / pyramidal TIFF / OME-TIFF / any TIFF tiffslide reads, or PNG/JPEG.
     mpp : level-0 um/px overriding the metadata (the CLI's ``--mpp``); required when the file
         has no plausible resolution (0.1-2.0 um/px) in its metadata, e.g. PNG/JPEG.
+    force_mpp : accept an ``mpp`` outside :data:`MPP_RANGE` (see :func:`check_mpp`).
 
     Raises
     ------
     ConicQPError
-        Missing, unreadable, truncated or non-RGB file; DICOM without a reader; missing or
-        implausible um/px without ``mpp``.
+        Missing, empty, unreadable, incomplete or non-RGB file; DICOM without a reader; missing
+        or implausible um/px; a read larger than the available memory.
     """
     path = Path(path)
     if not path.exists():
         raise ConicQPError(f"slide file {path} does not exist; check the path")
     if path.is_dir():
         raise ConicQPError(f"{path} is a folder, not a slide file; pass the slide file itself")
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ConicQPError(f"--mpp {mpp} is not a positive number of um/px (e.g. 0.25 for 40x)")
+    if mpp is not None:
+        check_mpp(mpp, force=force_mpp)
     try:
         with path.open("rb") as fh:
             head = fh.read(132)
@@ -370,8 +419,8 @@ def open_slide(path: str | Path, mpp: float | None = None) -> PyramidSource:
     if path.suffix.lower() == ".dcm" or head[128:132] == b"DICM":
         return _open_dicom(path)
     if head[:4] in _TIFF_MAGIC:
-        return TiffSlideSource(path, mpp)
-    return _open_pil(path, mpp)
+        return TiffSlideSource(path, mpp, force_mpp=force_mpp)
+    return _open_pil(path, mpp, force_mpp)
 
 
 def _open_dicom(path: Path) -> PyramidSource:
@@ -386,9 +435,18 @@ def _open_dicom(path: Path) -> PyramidSource:
     )
 
 
-def _open_pil(path: Path, mpp: float | None) -> ImageSource:
+def _open_pil(path: Path, mpp: float | None, force_mpp: bool = False) -> ImageSource:
     try:
         with Image.open(path) as opened:
+            w, h = opened.size
+            need = 2.0 * w * h * max(3, len(opened.getbands()))  # decoded + RGB copy
+            free = available_memory()
+            if free is not None and need > _MEMORY_SHARE * free:
+                raise ConicQPError(
+                    f"{path} declares {w} x {h} px, which needs {_size(need)} of memory to "
+                    f"decode, more than the {_size(free)} available; a plain image is decoded "
+                    "whole, so convert it to a tiled pyramidal TIFF (e.g. with vips or QuPath)"
+                )
             opened.load()
             dpi = opened.info.get("dpi")
             im: Image.Image = opened
@@ -396,6 +454,13 @@ def _open_pil(path: Path, mpp: float | None) -> ImageSource:
                 alpha = "A" in im.mode or "transparency" in im.info
                 im = im.convert("RGBA" if alpha else "RGB")
             array = np.asarray(im)
+    except Image.DecompressionBombError as err:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ConicQPError(
+            f"{path} declares an image of more than {limit:,} px, more than conic-qp decodes "
+            "whole from a plain (not tiled) image; convert it to a tiled pyramidal TIFF (e.g. "
+            "with vips or QuPath)"
+        ) from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise _unreadable(path, err) from err
     meta_mpp = None
@@ -404,7 +469,7 @@ def _open_pil(path: Path, mpp: float | None) -> ImageSource:
             meta_mpp = _pair_mpp(25400.0 / float(dpi[0]), 25400.0 / float(dpi[1]))
         except (ZeroDivisionError, TypeError, ValueError, IndexError):
             meta_mpp = None
-    resolved = _resolve_mpp(path.name, meta_mpp, mpp)
+    resolved = _resolve_mpp(path.name, meta_mpp, mpp, force=force_mpp)
     return ImageSource(array, resolved, name=path.name)
 
 
@@ -446,13 +511,34 @@ def _ome_mpp(tf: Any) -> float | None:
     return None
 
 
-def _resolve_mpp(name: str, meta_mpp: float | None, override: float | None) -> float:
+def check_mpp(mpp: float, *, force: bool = False) -> float:
+    """Validate a level-0 um/px given by the user (``--mpp``); returns it as a float.
+
+    Refuses non-positive and non-finite values always, and values outside :data:`MPP_RANGE`
+    unless ``force``: brightfield scanners give 0.1-2.0 um/px, so 50 is a typo for 0.5 (a
+    100-fold upsampling that would run for days) and 1e-9 a unit mistake. Callers validate
+    options with it before they touch any output.
+    """
+    if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
+        raise ConicQPError(f"--mpp {mpp} is not a positive number of um/px (e.g. 0.25 for 40x)")
+    lo, hi = MPP_RANGE
+    if not force and not lo <= mpp <= hi:
+        raise ConicQPError(
+            f"--mpp {mpp:g} is outside the {lo:g}-{hi:g} um/px of brightfield scans (0.25 for "
+            f"40x, 0.5 for 20x); give the scan's real um/px, or force {mpp:g} (--force-mpp) "
+            "if it is right"
+        )
+    return float(mpp)
+
+
+def _resolve_mpp(
+    name: str, meta_mpp: float | None, override: float | None, *, force: bool = False
+) -> float:
     lo, hi = MPP_RANGE
     if override is not None:
+        check_mpp(override, force=force)
         if not lo <= override <= hi:
-            log.warning(
-                "%s: --mpp %.4g is outside the usual %.1f-%.1f um/px", name, override, lo, hi
-            )
+            log.warning("%s: --mpp %.4g is outside %g-%g um/px (forced)", name, override, lo, hi)
         if meta_mpp is not None and abs(meta_mpp - override) / override > 0.05:
             log.info("%s: metadata says %.4g um/px; using --mpp %.4g", name, meta_mpp, override)
         return float(override)
@@ -484,9 +570,83 @@ def _check_truncated(path: Path, series: Any) -> None:
                 end = max(end, max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False)))
     if end > size:
         raise ConicQPError(
-            f"cannot read {path}: the file is truncated ({size} bytes, image data runs to {end}); "
-            "copy or download it again"
+            f"cannot read {path}: it is an incomplete copy (truncated at {size:,} bytes; its "
+            f"image data runs to byte {end:,}); copy or download it again"
         )
+
+
+def _check_declared_size(path: Path, series: Any) -> None:
+    """Refuse a TIFF whose dimensions do not fit its data, or whose blocks exceed memory.
+
+    An uncompressed page must store width x height x samples bytes; fewer means a wrong header
+    (e.g. 200000 x 200000 px declared over a few kB). Each strip or tile is decoded whole, so a
+    single strip of gigabytes cannot be read on this machine at all.
+    """
+    free = available_memory()
+    for level in series.levels:
+        page = level.pages[0] if level.pages else None
+        if page is None:
+            continue
+        width, length = int(getattr(page, "imagewidth", 0)), int(getattr(page, "imagelength", 0))
+        item = np.dtype(page.dtype).itemsize if page.dtype is not None else 1
+        declared = float(np.prod(page.shape, dtype=np.float64)) * item
+        stored = float(sum(int(c) for c in getattr(page, "databytecounts", ())))
+        if int(getattr(page, "compression", 1)) == 1 and stored < declared:
+            raise ConicQPError(
+                f"cannot read {path}: it declares {width} x {length} px ({_size(declared)} of "
+                f"pixels) but holds only {_size(stored)} of image data; its header is wrong or "
+                "the file is incomplete: re-export or copy it again"
+            )
+        chunk = float(np.prod(getattr(page, "chunks", ()) or (0,), dtype=np.float64)) * item
+        if free is not None and chunk > _MEMORY_SHARE * free:
+            raise ConicQPError(
+                f"cannot read {path}: it stores {width} x {length} px in blocks of "
+                f"{_size(chunk)} that are decoded whole, more than the {_size(free)} of memory "
+                "available; convert it to a tiled pyramidal TIFF (e.g. with vips or QuPath)"
+            )
+
+
+def _tiff_structure_problem(path: Path) -> str | None:
+    """What is wrong with the TIFF directory chain of ``path`` (None if it is complete)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(16)
+            if len(head) < 8:
+                return f"an incomplete copy (truncated at {size} bytes)"
+            order = "<" if head[:2] == b"II" else ">"
+            big = head[2:4] in (b"+\x00", b"\x00+")
+            if big and len(head) < 16:
+                return f"an incomplete copy (truncated at {size} bytes)"
+            offset = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[
+                0
+            ]
+            count_fmt, entry, next_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+            count_size, next_size = struct.calcsize(count_fmt), struct.calcsize(next_fmt)
+            seen: set[int] = set()
+            while offset and len(seen) < 100_000:
+                if offset in seen:
+                    return "a damaged TIFF (its list of images loops)"
+                seen.add(offset)
+                if offset + count_size > size:
+                    return _incomplete(size, offset + count_size)
+                fh.seek(offset)
+                (count,) = struct.unpack(order + count_fmt, fh.read(count_size))
+                end = offset + count_size + count * entry + next_size
+                if end > size:
+                    return _incomplete(size, end)
+                fh.seek(offset + count_size + count * entry)
+                (offset,) = struct.unpack(order + next_fmt, fh.read(next_size))
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _incomplete(size: int, needed: int) -> str:
+    return (
+        f"an incomplete copy (truncated at {size:,} bytes; its TIFF structure refers to byte "
+        f"{needed:,})"
+    )
 
 
 def _describe_tiff_pixels(path: Path) -> str | None:
@@ -527,8 +687,80 @@ def _not_rgb(name: str, what: str) -> ConicQPError:
 
 
 def _unreadable(path: Path, err: BaseException) -> ConicQPError:
+    """Say what the file is, in the user's terms, rather than what the decoder tripped on."""
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    content = describe_content(path)
+    if content is not None and content.startswith("an empty file"):
+        return ConicQPError(
+            f"cannot read {path}: it is an empty file (0 bytes), so its copy or download did not "
+            "complete; copy it again"
+        )
+    if content is not None:
+        return ConicQPError(
+            f"cannot read {path}: it is not an image but {content}; a failed download often "
+            "saves an error page: download the slide again, or check that this is the slide file"
+        )
+    try:
+        with path.open("rb") as fh:
+            is_tiff = fh.read(4) in _TIFF_MAGIC
+    except OSError:
+        is_tiff = False
+    if is_tiff:
+        problem = _tiff_structure_problem(path)
+        if problem is not None:
+            return ConicQPError(f"cannot read {path}: it is {problem}; copy or download it again")
+        return ConicQPError(
+            f"cannot read {path}: the TIFF is damaged or uses a layout tiffslide cannot read "
+            f"({reason[:120]}); copy it again, or re-export it as pyramidal TIFF"
+        )
     return ConicQPError(
-        f"cannot read {path}: not a supported slide/image or the file is corrupt or truncated "
-        f"({reason[:160]})"
+        f"cannot read {path}: it is not an image format conic-qp reads (SVS, TIFF, OME-TIFF, "
+        f"PNG, JPEG) or it is damaged ({reason[:120]}); convert it to pyramidal TIFF"
     )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (None when the OS does not say).
+
+    Linux: ``MemAvailable`` of ``/proc/meminfo`` (free plus reclaimable cache), capped by a
+    cgroup limit; elsewhere psutil when installed.
+    """
+    avail: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            import psutil
+
+            avail = int(psutil.virtual_memory().available)
+        except Exception:
+            return None
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            if limit_text == "max":
+                continue
+            room = int(limit_text) - int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if 0 < room < avail:
+            avail = room
+    return avail
+
+
+def _size(nbytes: float) -> str:
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.3g} {unit}"
+    return f"{int(nbytes)} bytes"

@@ -142,9 +142,14 @@ def test_explicit_mpp_overrides_metadata_and_is_validated(
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ConicQPError, match="--mpp"):
             open_slide(path, mpp=bad)
-    with caplog.at_level(logging.WARNING, logger="conic_qp.slides"):
-        open_slide(path, mpp=5.0).close()
-    assert "outside the usual" in caplog.text
+    for implausible in (5.0, 50.0, 1e-9):  # typos and unit mistakes are refused ...
+        with pytest.raises(ConicQPError, match=r"outside the 0.1-2 um/px") as err:
+            open_slide(path, mpp=implausible)
+        assert "\n" not in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="conic_qp.slides"):  # ... unless forced
+        with open_slide(path, mpp=5.0, force_mpp=True) as slide:
+            assert slide.mpp == 5.0
+    assert "outside 0.1-2 um/px (forced)" in caplog.text
 
 
 def test_plain_png_and_jpeg(tmp_path: Path, image: np.ndarray) -> None:

@@ -356,6 +356,68 @@ def _classification_name(props: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _feature_label(i: int, feat: Mapping[str, Any]) -> str:
+    props = feat.get("properties")
+    name = props.get("name") if isinstance(props, Mapping) else None
+    fid = feat.get("id")
+    extra = ", ".join(
+        f"{key} {value!r}" for key, value in (("name", name), ("id", fid)) if value is not None
+    )
+    return f"feature {i}" + (f" ({extra})" if extra else "")
+
+
+def _non_finite_position(node: Any) -> list[Any] | None:
+    """The first position of a GeoJSON geometry with a NaN/infinite/non-numeric value."""
+    if isinstance(node, Mapping):
+        for key in ("coordinates", "geometries"):
+            found = _non_finite_position(node.get(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(node, list | tuple):
+        if node and all(not isinstance(v, list | tuple | Mapping) for v in node):  # a position
+            ok = all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in node
+            )
+            return None if ok else list(node)
+        for child in node:
+            found = _non_finite_position(child)
+            if found is not None:
+                return found
+    return None
+
+
+def _region_geometry(
+    path: Path, i: int, feat: Mapping[str, Any], gj: Mapping[str, Any]
+) -> shapely.Geometry:
+    """A region's shapely geometry, valid; bad coordinates name the file and the feature.
+
+    NaN or infinite coordinates are refused before GEOS sees them (GEOS would fail later, in
+    validation or a union, with an error that names neither); self-intersections are repaired.
+    """
+    where = f"{path}: {_feature_label(i, feat)}"
+    bad = _non_finite_position(gj)
+    if bad is not None:
+        shown = ", ".join(str(v) for v in bad)
+        raise ConicQPError(
+            f"{where} has a coordinate that is not a number ({shown}); "
+            "redraw or delete that annotation and export it again"
+        )
+    try:
+        geom = shape(gj)
+    except Exception as exc:  # shapely raises several types for bad coordinates
+        raise ConicQPError(f"{where} has a malformed geometry ({exc}); fix or delete it") from None
+    if not geom.is_valid:
+        try:
+            geom = shapely.make_valid(geom)
+        except shapely.errors.GEOSException as exc:
+            raise ConicQPError(
+                f"{where} has a geometry that cannot be repaired ({exc}); redraw or delete it"
+            ) from None
+    return geom
+
+
 def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     """Polygon regions (QuPath annotations) of a GeoJSON file, as shapely geometries.
 
@@ -378,12 +440,7 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
         if not isinstance(gj, Mapping):
             skipped["no geometry"] = skipped.get("no geometry", 0) + 1
             continue
-        try:
-            geom = shape(gj)
-        except Exception as exc:  # shapely raises several types for bad coordinates
-            raise ConicQPError(f"{path}: feature {i} has a malformed geometry ({exc})") from None
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
+        geom = _region_geometry(path, i, feat, gj)
         if not isinstance(geom, shapely.Polygon | shapely.MultiPolygon):
             polys = [
                 p

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
+from conic_qp.inputs import describe_content
 from conic_qp.sinks import atomic_path
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,7 @@ def read_table_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConicQPError(f"table {path} does not exist; check the path") from None
     except (OSError, pa.ArrowException) as exc:
-        raise ConicQPError(
-            f"cannot read Parquet table {path} ({exc}); is it a .parquet file?"
-        ) from None
+        raise _unreadable_table(Path(path), exc) from None
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         return {}
@@ -93,8 +92,39 @@ def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     try:
         df = pq.read_table(path).to_pandas()
     except (OSError, pa.ArrowException) as exc:
-        raise ConicQPError(f"cannot read Parquet table {path} ({exc}); write it again") from None
+        raise _unreadable_table(Path(path), exc) from None
     df.attrs["conic_qp"] = meta
     if "classes" in meta:
         df.attrs["classes"] = ClassScheme.from_json(meta["classes"])
     return df
+
+
+_PARQUET_MAGIC = b"PAR1"
+_REDO = "re-run `conic-qp predict` for that slide (or copy the file again)"
+
+
+def _unreadable_table(path: Path, exc: BaseException) -> ConicQPError:
+    """Why a Parquet table cannot be read, in the user's terms, and what to do."""
+    if path.is_dir():
+        return ConicQPError(f"table {path} is a folder; pass the .parquet file itself")
+    content = describe_content(path)
+    if content is not None:
+        kind = content if content.startswith("an empty") else f"{content}, not a Parquet table"
+        return ConicQPError(f"table {path} is {kind}; {_REDO}")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(4)
+            fh.seek(max(0, size - 4))
+            tail = fh.read(4)
+    except OSError as err:
+        return ConicQPError(f"cannot read table {path}: {err.strerror or err}")
+    if head == _PARQUET_MAGIC and tail != _PARQUET_MAGIC:
+        return ConicQPError(
+            f"table {path} is incomplete ({size:,} bytes, its Parquet footer is missing): the run "
+            f"that wrote it was interrupted or the copy is incomplete; {_REDO}"
+        )
+    if head != _PARQUET_MAGIC:
+        return ConicQPError(f"table {path} is not a Parquet file; pass a .nuclei.parquet table")
+    reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return ConicQPError(f"table {path} is damaged ({reason}); {_REDO}")

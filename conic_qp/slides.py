@@ -284,6 +284,7 @@ class PyramidSource:
         # read + white padding + Pillow's intermediate (one pass per axis) + output
         window = float(rx1 - rx0) * (ry1 - ry0)
         padded = float(ax1 - ax0) * (ay1 - ay0)
+        padded = padded if padded != window else 0.0  # the white canvas exists only if needed
         need = 3.0 * (window + padded + out_w * float(ay1 - ay0) + out_w * out_h)
         self._ensure_memory(need, region, out_size)
         pixels = self._read_level(level, rx0, ry0, rx1, ry1)

@@ -3,17 +3,24 @@
 For every selected image of the project (:func:`conic_qp.qupath.project.read_project` resolves
 the files, with ``remap`` and relative search when the project moved):
 
-1. regions: the image's annotations (``--regions-geojson DIR``, else the project's
-   ``regions/<entryID>.geojson`` written by ``groovy/export_annotations_geojson.groovy``, else
-   through paquo), or the whole tissue;
+0. image URIs: an image found elsewhere than its URI gets its URI rewritten in
+   ``project.qpproj`` (:func:`conic_qp.qupath.project.fix_image_uris`, backup first), because
+   headless QuPath opens images only at their stored URIs (``fix_uris=False`` leaves them);
+1. regions: the image's annotations (``--regions-geojson DIR``; with paquo the project's own
+   annotations; else the project's ``regions/<entryID>.geojson`` written by
+   ``groovy/export_annotations_geojson.groovy``), or the whole tissue;
 2. inference inside those regions (:func:`conic_qp.predict.predict_slide`), whose outputs go to
    ``<project>/conic-qp/<entryID>.nuclei.parquet`` (+ ``.geojson.gz``, ``.run.json``);
-3. detections back to QuPath:
+3. detections back to QuPath, each under the annotation QuPath would make its parent
+   (:func:`conic_qp.composition.parent_regions`), so QuPath's per-annotation counts equal
+   ``conic-qp composition``'s without resolving the hierarchy:
 
-   - ``geojson`` backend (no Java needed): ``<project>/detections/<entryID>.geojson.gz``, the
-     model's classes merged into ``classifiers/classes.json`` and
-     ``<project>/groovy/import_conic_qp.groovy``; one QuPath command imports everything
-     (:func:`import_command`), replacing earlier conic-qp detections;
+   - ``geojson`` backend (no Java needed): ``<project>/detections/<entryID>/`` (chunk files
+     grouped by parent annotation + ``manifest.json``,
+     :func:`conic_qp.sinks.geojson.write_detection_folder`), the model's classes merged into
+     ``classifiers/classes.json`` and ``<project>/groovy/import_conic_qp.groovy``; one QuPath
+     command imports everything (:func:`import_command`), replacing earlier conic-qp
+     detections and adding the regions as annotations to images that have none;
    - ``paquo`` backend: straight into the project's data files
      (:mod:`conic_qp.qupath.paquo_io`), one save per image.
 
@@ -32,9 +39,8 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,15 +54,25 @@ from conic_qp.qupath.classes import read_path_classes, update_project_classes
 from conic_qp.qupath.project import (
     ProjectImage,
     QuPathProject,
+    UriFix,
     backup_file,
-    detections_path,
+    detections_dir,
     find_project_file,
+    fix_image_uris,
+    legacy_detections_file,
     project_lock,
     read_project,
     regions_path,
 )
 from conic_qp.sinks import atomic_path, write_json_atomic
-from conic_qp.sinks.geojson import Region, read_regions
+from conic_qp.sinks.geojson import (
+    DETECTIONS_PER_FILE,
+    Region,
+    read_regions,
+    with_uuid_ids,
+    write_annotations,
+    write_detection_folder,
+)
 from conic_qp.slides import MPP_RANGE, PyramidSource, open_slide
 
 if TYPE_CHECKING:
@@ -103,6 +119,8 @@ class ImageOutcome:
     error: str | None = None
     seconds: float = 0.0
     area_px: float | None = None
+    #: detections written under each parent annotation (its label; "root": outside them all)
+    parent_counts: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -122,6 +140,11 @@ class AnnotateResult:
     script: Path | None
     command: str | None
     run_json: Path
+    #: image URIs rewritten in project.qpproj (moved project) and the backup made first
+    uri_fixes: list[UriFix] = field(default_factory=list)
+    project_backup: Path | None = None
+    #: images QuPath will not find at their URI (the headless import stops at the first one)
+    unresolved: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -157,10 +180,11 @@ def choose_backend(backend: Backend = "auto") -> Literal["paquo", "geojson"]:
 def import_command(project_file: str | os.PathLike[str], script: str | os.PathLike[str]) -> str:
     """The QuPath command that imports all detections (QuPath 0.4-0.7 ``script`` subcommand).
 
-    ``--save`` is required, without it QuPath discards the changes. On Windows use
-    ``"QuPath (console).exe"``, on macOS ``QuPath.app/Contents/MacOS/QuPath``.
+    No ``--save``: the script saves each image it changed itself, so QuPath does not rewrite
+    the data of images it skipped (``--save`` would save every image of the project). On Windows
+    use ``"QuPath (console).exe"``, on macOS ``QuPath.app/Contents/MacOS/QuPath``.
     """
-    return f"QuPath script -p {shlex.quote(str(project_file))} --save {shlex.quote(str(script))}"
+    return f"QuPath script -p {shlex.quote(str(project_file))} {shlex.quote(str(script))}"
 
 
 def install_import_script(project_dir: str | os.PathLike[str]) -> Path:
@@ -181,9 +205,12 @@ def find_regions(
     image: ProjectImage,
     project_dir: Path,
     regions_geojson: str | os.PathLike[str] | None = None,
+    *,
+    project_file: bool = True,
 ) -> tuple[list[Region], str] | None:
     """Annotations of ``image`` from GeoJSON files: ``regions_geojson/<entry id | image name>``
-    (``.geojson``, ``.geojson.gz``, ``.json``), else ``<project>/regions/<entryID>.geojson``.
+    (``.geojson``, ``.geojson.gz``, ``.json``), else (``project_file``)
+    ``<project>/regions/<entryID>.geojson``.
 
     Returns (regions, file) or None when no file exists. A file with no polygon annotation gives
     an empty list (the caller then falls back to the tissue).
@@ -193,32 +220,23 @@ def find_regions(
     path: Path | None = None
     if regions_geojson is not None:
         path = region_file(Path(regions_geojson), [image.entry_id, image.name])
-    if path is None and regions_path(project_dir, image.entry_id).is_file():
+    if path is None and project_file and regions_path(project_dir, image.entry_id).is_file():
         path = regions_path(project_dir, image.entry_id)
     if path is None:
         return None
     return read_regions(path), str(path)
 
 
-def write_regions_geojson(regions: Sequence[Region], path: Path) -> Path:
-    """Record the regions a run used (QuPath-style annotations), so composition finds them."""
-    features = []
-    for r in regions:
-        props: dict[str, Any] = {"objectType": "annotation"}
-        if r.name:
-            props["name"] = r.name
-        if r.class_name:
-            props["classification"] = {"name": r.class_name}
-        feat: dict[str, Any] = {
-            "type": "Feature",
-            "geometry": shapely.geometry.mapping(r.geometry),
-            "properties": props,
-        }
-        if r.id:
-            feat["id"] = r.id
-        features.append(feat)
-    write_json_atomic(path, {"type": "FeatureCollection", "features": features}, indent=None)
-    return path
+def _palette(project_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """Class name -> RGB of the project's class list (colours for unclassified-colour regions)."""
+    from conic_qp.qupath.classes import QUPATH_DEFAULT_CLASSES, argb_to_rgb
+
+    entries = read_path_classes(qupath_classes_path(project_dir)) or list(QUPATH_DEFAULT_CLASSES)
+    return {
+        str(e["name"]): argb_to_rgb(int(e["color"]))
+        for e in entries
+        if isinstance(e.get("color"), int)
+    }
 
 
 def _open(image: ProjectImage, mpp: float | None) -> PyramidSource:
@@ -249,22 +267,24 @@ def _tissue_area(source: PyramidSource, settings: PredictSettings) -> float:
     return float(tissue_mask(thumb).sum()) * downsample * downsample
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Put ``src``'s content at ``dst`` atomically (hard link when possible: no extra disk)."""
-    with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-
-
 def _load_previous_run(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) and data.get("format") == RUN_FORMAT else {}
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Per-run choices shared by every image."""
+
+    backend: Literal["paquo", "geojson"]
+    regions: RegionMode
+    regions_geojson: str | os.PathLike[str] | None
+    mpp: float | None
+    per_file: int
+    palette: Mapping[str, tuple[int, int, int]]
 
 
 # ---------------------------------------------------------------------------------- engine
@@ -281,6 +301,8 @@ def annotate_project(
     remap: Mapping[str, str] | Iterable[str] | None = None,
     backend: Backend = "auto",
     mpp: float | None = None,
+    fix_uris: bool = True,
+    detections_per_file: int = DETECTIONS_PER_FILE,
     on_progress: ProgressCallback | None = None,
 ) -> AnnotateResult:
     """Annotate the images of a QuPath project with nucleus detections.
@@ -292,11 +314,15 @@ def annotate_project(
     settings : tiling, TTA, workers... (:class:`conic_qp.predict.PredictSettings`).
     images : entry ids or image names (default: all images).
     regions : ``"annotations"`` runs inside each image's annotations when any are found (else
-        the tissue); ``"tissue"`` ignores annotations.
+        the tissue); ``"tissue"`` ignores them for inference (detections are still placed under
+        the annotations that are known).
     regions_geojson : folder of GeoJSON annotation files named by entry id or image name.
     remap : ``OLD_PREFIX=NEW_PREFIX`` image path remapping for moved projects.
     backend : ``"auto"``, ``"paquo"`` or ``"geojson"`` (see :func:`choose_backend`).
     mpp : level-0 um/px forced for every image.
+    fix_uris : rewrite the URIs of images found elsewhere than their URI in ``project.qpproj``
+        (backup first) so that QuPath opens them; ``False`` leaves the project file as it is.
+    detections_per_file : most detections per GeoJSON file of the geojson backend.
     on_progress : receives :class:`conic_qp.predict.Progress` events (``slide_index`` set).
 
     Raises
@@ -312,19 +338,38 @@ def annotate_project(
             f"--regions-geojson {regions_geojson} is not a folder; pass the folder holding "
             "<entryID>.geojson or <image name>.geojson files"
         )
+    if detections_per_file < 1:
+        raise ConicQPError(f"detections per file must be at least 1, not {detections_per_file}")
     file = find_project_file(project)
     qp = read_project(file, remap=remap)  # malformed projects fail here, before any write
-    selected = qp.select(list(images) if images is not None else None)
+    wanted = list(images) if images is not None else None
+    selected = qp.select(wanted)
     if not selected:
         raise ConicQPError(f"project {qp.path} has no images; add images in QuPath first")
     chosen = choose_backend(backend)
     # validate classes.json before anything is written (it raises on a malformed file)
     read_path_classes(qupath_classes_path(qp.dir))
+    opts = _Options(chosen, regions, regions_geojson, mpp, detections_per_file, _palette(qp.dir))
 
     with project_lock(qp.path):
-        return _annotate_locked(
-            qp, selected, models, settings, chosen, regions, regions_geojson, mpp, on_progress
-        )
+        fixes: list[UriFix] = []
+        backup: Path | None = None
+        if fix_uris:
+            fixes, backup = fix_image_uris(qp)
+            if fixes:
+                qp = read_project(file, remap=remap)
+                selected = qp.select(wanted)
+        elif any(im.moved for im in qp.images):
+            log.warning(
+                "images found elsewhere than their URI were left as they are: QuPath's "
+                "headless import cannot open them; fix the URIs in QuPath or let annotate do it"
+            )
+        result = _annotate_locked(qp, selected, models, settings, opts, on_progress)
+    result.uri_fixes, result.project_backup = fixes, backup
+    result.unresolved = [
+        f"{im.entry_id} ({im.name})" for im in qp.images if not im.ok or (im.moved and not fix_uris)
+    ]
+    return result
 
 
 def _annotate_locked(
@@ -332,12 +377,10 @@ def _annotate_locked(
     selected: list[ProjectImage],
     models: ModelSet,
     settings: PredictSettings,
-    backend: Literal["paquo", "geojson"],
-    regions: RegionMode,
-    regions_geojson: str | os.PathLike[str] | None,
-    mpp: float | None,
+    opts: _Options,
     on_progress: ProgressCallback | None,
 ) -> AnnotateResult:
+    backend = opts.backend
     out_dir = qp.dir / OUTPUT_DIR
     run_json = out_dir / RUN_FILE
     previous = _load_previous_run(run_json)
@@ -366,7 +409,7 @@ def _annotate_locked(
                 "model_mpp": models.mpp,
                 "thresholds_source": models.thresholds_source,
                 "settings": settings.to_json(),
-                "regions": regions,
+                "regions": opts.regions,
                 "import_command": command,
                 "seconds": round(time.perf_counter() - t_start, 3),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -398,9 +441,8 @@ def _annotate_locked(
 
             try:
                 _annotate_image(
-                    image, outcome, qp, models, settings, backend, regions, regions_geojson,
-                    mpp, executor, writer, progress,
-                )  # fmt: skip
+                    image, outcome, qp, models, settings, opts, executor, writer, progress
+                )
                 outcome.status = "done"
             except ConicQPError as exc:
                 outcome.error = str(exc)
@@ -426,16 +468,34 @@ def _annotate_locked(
     return AnnotateResult(qp.path, backend, outcomes, added, script, command, run_json)
 
 
+def _image_regions(
+    image: ProjectImage, qp: QuPathProject, opts: _Options, writer: Any
+) -> tuple[list[Region], str, bool]:
+    """(regions, where from, from a file): the image's annotations as conic-qp knows them.
+
+    An explicit ``--regions-geojson`` folder wins; with paquo the project's own annotations
+    come next (no export needed), then the project's ``regions/<entryID>.geojson``. Regions
+    from files get UUID ids (the same on every run) so that detections can name them as parents.
+    """
+    hit = find_regions(image, qp.dir, opts.regions_geojson, project_file=writer is None)
+    if hit is None and writer is not None:
+        found = writer.read_regions(image.entry_id)
+        if found:
+            return found, "paquo annotations", False
+        hit = find_regions(image, qp.dir)
+    if hit is None:
+        return [], "tissue", False
+    regions, source = hit
+    return with_uuid_ids(regions, f"{image.entry_id}:{source}"), source, True
+
+
 def _annotate_image(
     image: ProjectImage,
     outcome: ImageOutcome,
     qp: QuPathProject,
     models: ModelSet,
     settings: PredictSettings,
-    backend: Literal["paquo", "geojson"],
-    regions: RegionMode,
-    regions_geojson: str | os.PathLike[str] | None,
-    mpp: float | None,
+    opts: _Options,
     executor: Executor | None,
     writer: Any,
     progress: ProgressCallback,
@@ -449,24 +509,21 @@ def _annotate_image(
         )  # fmt: skip
     out_dir = qp.dir / OUTPUT_DIR
     progress(Progress(image.name, "regions"))
+    known, source, from_file = _image_regions(image, qp, opts, writer)
     found: list[Region] = []
-    if regions == "annotations":
-        hit = find_regions(image, qp.dir, regions_geojson)
-        if hit is not None:
-            found, outcome.region_source = hit
-        elif writer is not None:
-            found = writer.read_regions(image.entry_id)
-            outcome.region_source = "paquo annotations"
-        if not found:
-            log.info("%s: no annotations found; running on the whole tissue", image.name)
-            outcome.region_source = "tissue"
+    if opts.regions == "annotations" and known:
+        found, outcome.region_source = known, source
+    elif opts.regions == "annotations":
+        log.info("%s: no annotations found; running on the whole tissue", image.name)
     outcome.n_regions = len(found)
     roi = shapely.union_all([r.geometry for r in found]) if found else None
     regions_file = out_dir / f"{image.entry_id}.regions.geojson"
-    with _open(image, mpp) as source:
-        outcome.area_px = float(roi.area) if roi is not None else _tissue_area(source, settings)
+    with _open(image, opts.mpp) as source_slide:
+        outcome.area_px = (
+            float(roi.area) if roi is not None else _tissue_area(source_slide, settings)
+        )
         result = predict_slide(
-            source,
+            source_slide,
             models,
             settings,
             out_dir,
@@ -481,20 +538,48 @@ def _annotate_image(
     outcome.class_counts = dict(result.class_counts)
     outcome.outputs = dict(result.outputs)
     if found:
-        outcome.outputs["regions"] = write_regions_geojson(found, regions_file)
+        outcome.outputs["regions"] = write_annotations(found, regions_file, palette=opts.palette)
     elif regions_file.exists():
         regions_file.unlink()  # regions of an earlier run no longer apply
     progress(Progress(image.name, "writing", nuclei=result.n_nuclei))
-    if backend == "geojson":
-        dst = detections_path(qp.dir, image.entry_id)
-        _link_or_copy(result.outputs["geojson"], dst)
-        outcome.outputs["detections"] = dst
+    table_path = Path(result.outputs["table"])
+    labels = {r.id: r.label for r in known}
+    if opts.backend == "geojson":
+        import pyarrow.parquet as pq
+
+        def batches() -> Iterator[Any]:
+            for b in pq.ParquetFile(table_path).iter_batches(batch_size=20_000):
+                yield b.to_pandas()
+
+        folder = write_detection_folder(
+            batches,
+            detections_dir(qp.dir, image.entry_id),
+            models.classes,
+            regions=known,
+            add_regions=from_file,
+            palette=opts.palette,
+            object_type=settings.object_type,
+            per_file=opts.per_file,
+            info={"entry_id": image.entry_id, "image_name": image.name},
+        )
+        legacy = legacy_detections_file(qp.dir, image.entry_id)
+        if legacy.exists():
+            legacy.unlink()  # the single-file layout of earlier versions: the script ignores it
+        outcome.outputs["detections"] = folder.folder
+        counts = folder.counts_by_parent()
     else:
         from conic_qp.sinks.tables import read_table
 
-        table = read_table(result.outputs["table"])
-        removed, n_added = writer.write_detections(image.entry_id, table, models.classes)
-        log.info("%s: replaced %d conic-qp detections by %d", image.name, removed, n_added)
+        table = read_table(table_path)
+        removed, counts = writer.write_detections(
+            image.entry_id, table, models.classes, known, add_regions=from_file
+        )
+        log.info(
+            "%s: replaced %d conic-qp detections by %d", image.name, removed, sum(counts.values())
+        )
+    outcome.parent_counts = {
+        (labels.get(k) or str(k)) if k is not None else "root": v for k, v in counts.items()
+    }
 
 
 def format_failures(failures: Mapping[str, str]) -> str:

@@ -389,6 +389,18 @@ def tune_cmd(
 @click.option("--mpp", type=float, default=None, help="Level-0 um/px when the files lack it.")
 @click.option("--thresholds", default=None, help="thresholds.json overriding the checkpoint's.")
 @click.option("--tile-size", type=int, default=512, show_default=True)
+@click.option(
+    "--no-fix-uris",
+    is_flag=True,
+    help="Leave project.qpproj as it is even when images were found elsewhere than their URI.",
+)
+@click.option(
+    "--detections-per-file",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Most detections per GeoJSON file QuPath reads at once (geojson backend).",
+)
 @click.option("--list", "list_only", is_flag=True, help="List the project's images and exit.")
 def annotate_cmd(
     project: str,
@@ -408,6 +420,8 @@ def annotate_cmd(
     mpp: float | None,
     thresholds: str | None,
     tile_size: int,
+    no_fix_uris: bool,
+    detections_per_file: int,
     list_only: bool,
 ) -> None:
     """Detect and classify nuclei in the images of a QuPath project and write them back.
@@ -475,15 +489,37 @@ def annotate_cmd(
             remap=remap,
             backend=backend,  # type: ignore[arg-type]
             mpp=mpp,
+            fix_uris=not no_fix_uris,
+            detections_per_file=detections_per_file,
             on_progress=on_progress,
         )
     table = Table(title=f"conic-qp annotate ({result.backend})")
-    for col in ("entry id", "image", "regions", "nuclei", "status"):
+    for col in ("entry id", "image", "regions", "nuclei", "under annotations", "status"):
         table.add_column(col)
     for o in result.images:
         status = "[green]done" if o.status == "done" else "[red]failed"
-        table.add_row(o.entry_id, o.name, o.region_source, str(o.n_nuclei), status)
+        under = ", ".join(f"{k}: {v}" for k, v in o.parent_counts.items() if k != "root")
+        table.add_row(o.entry_id, o.name, o.region_source, str(o.n_nuclei), under, status)
     Console().print(table)
+    if result.uri_fixes:
+        console.print(
+            f"updated the image paths of {len(result.uri_fixes)} image(s) in {result.project} "
+            f"(QuPath opens images only at their stored paths; backup: {result.project_backup}):",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for fix in result.uri_fixes:
+            console.print(
+                f"  {fix.entry_id} ({fix.name}): {fix.new}", highlight=False, soft_wrap=True
+            )
+    if result.unresolved:
+        console.print(
+            f"[yellow]QuPath will not find {len(result.unresolved)} image(s) at their paths "
+            f"({', '.join(result.unresolved[:5])}); its command-line import stops at the first "
+            "one: fix them with File > Project > Check project URIs in QuPath, or --remap",
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.classes_added:
         console.print(
             f"added classes {', '.join(result.classes_added)} to classifiers/classes.json"

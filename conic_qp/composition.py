@@ -4,7 +4,9 @@ Membership rules:
 
 - ``"centroid"`` (QuPath's): a nucleus belongs to a region when the region *covers* its centroid,
   so centroids exactly on the border count and centroids inside holes do not. This is what
-  QuPath's hierarchy does when it places detections under annotations.
+  QuPath's hierarchy does when it places detections under annotations, and the centroid is the
+  one QuPath computes (:func:`qupath_centroids`: the outline's, as QuPath reads it), so the
+  counts equal QuPath's per-annotation detection counts.
 - ``"any-pixel"`` (CoNIC Task 2): a nucleus belongs to a region when its outline intersects the
   region; a nucleus straddling the border of two regions counts in both.
 
@@ -160,6 +162,64 @@ def regions_from(items: Iterable[Any]) -> list[CompositionRegion]:
 # ------------------------------------------------------------------------------- membership
 
 
+def qupath_centroids(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids of the nuclei as QuPath computes them for the objects conic-qp gives it.
+
+    QuPath places a detection by the centroid of its ROI: the area centroid of the polygon with
+    the coordinates as written (2 decimals) and stored (float32). The table's ``centroid_x/y``
+    (mean of the mask pixels) differ from it by a fraction of a pixel, enough to flip a nucleus
+    lying on an annotation border. Rows without an outline keep ``centroid_x/y``.
+    """
+    for col in ("centroid_x", "centroid_y"):
+        if col not in table.columns:
+            raise ConicQPError(f"nucleus table lacks column {col!r}; make it with conic-qp")
+    cx = table["centroid_x"].to_numpy(np.float64).copy()
+    cy = table["centroid_y"].to_numpy(np.float64).copy()
+    if "polygon_wkb" not in table.columns or len(table) == 0:
+        return cx, cy
+    geoms = shapely.from_wkb(table["polygon_wkb"].to_numpy())
+    geoms = shapely.transform(geoms, lambda c: np.round(c, 2).astype(np.float32).astype(np.float64))
+    ok = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+    if ok.any():
+        xy = shapely.get_coordinates(shapely.centroid(geoms[ok]))
+        cx[ok], cy[ok] = xy[:, 0], xy[:, 1]
+    return cx, cy
+
+
+def parent_regions(
+    table: pd.DataFrame, geometries: Sequence[shapely.Geometry | None]
+) -> np.ndarray:
+    """Index of the region QuPath makes each nucleus a child of (-1: none, the image root).
+
+    QuPath's rule (``PathObjectHierarchy.HIERARCHY_COMPARATOR``): the smallest-area annotation
+    whose ROI contains the detection's centroid (:func:`qupath_centroids`); ties go to the first
+    region. Nested regions therefore keep each nucleus in the innermost one, and a QuPath count of
+    all detections below an annotation equals the centroid-rule count of :func:`assign_nuclei`
+    unless annotations overlap without one containing the other (QuPath can give a nucleus only
+    one parent; the centroid rule counts it in both).
+    """
+    n = len(table)
+    parent = np.full(n, -1, dtype=np.int64)
+    real = [(i, g) for i, g in enumerate(geometries) if g is not None and not g.is_empty]
+    if not real or n == 0:
+        return parent
+    cx, cy = qupath_centroids(table)
+    tree = shapely.STRtree(shapely.points(cx, cy))
+    regions = np.array([g for _, g in real], dtype=object)
+    shapely.prepare(regions)
+    src, hit = tree.query(regions, predicate="covers")
+    if src.size == 0:
+        return parent
+    area = shapely.area(regions)[src]
+    order = np.lexsort((src, area, hit))  # per nucleus: smallest area, then first region
+    hit_sorted = hit[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = hit_sorted[1:] != hit_sorted[:-1]
+    index = np.array([i for i, _ in real], dtype=np.int64)
+    parent[hit_sorted[first]] = index[src[order][first]]
+    return parent
+
+
 def assign_nuclei(
     table: pd.DataFrame, geometries: Sequence[shapely.Geometry | None], rule: Rule = "centroid"
 ) -> list[np.ndarray]:
@@ -167,7 +227,8 @@ def assign_nuclei(
 
     Parameters
     ----------
-    table : nucleus table with ``centroid_x``, ``centroid_y`` (centroid rule) or ``polygon_wkb``
+    table : nucleus table with ``centroid_x``, ``centroid_y`` (centroid rule: the outline's
+        centroid as QuPath computes it when ``polygon_wkb`` is there) or ``polygon_wkb``
         (any-pixel rule), level-0 px.
     geometries : regions in level-0 px (Polygon / MultiPolygon, holes honoured).
     rule : ``"centroid"`` (region covers the centroid) or ``"any-pixel"`` (outline intersects).
@@ -181,12 +242,7 @@ def assign_nuclei(
     if not real or n == 0:
         return out
     if rule == "centroid":
-        for col in ("centroid_x", "centroid_y"):
-            if col not in table.columns:
-                raise ConicQPError(f"nucleus table lacks column {col!r}; make it with conic-qp")
-        items = shapely.points(
-            table["centroid_x"].to_numpy(np.float64), table["centroid_y"].to_numpy(np.float64)
-        )
+        items = shapely.points(*qupath_centroids(table))
         predicate = "covers"
     else:
         if "polygon_wkb" not in table.columns:

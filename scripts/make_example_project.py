@@ -6,8 +6,12 @@ Copies the slide (freely redistributable OpenSlide test data) beside the project
 ``project.qpproj`` with :func:`conic_qp.qupath.project.write_project` and two hand-drawn-like
 annotations (``regions/<entryID>.geojson``, level-0 px, as QuPath's export writes them): "Tumor"
 over the epidermis (standing in for an epithelial region) and "Stroma" over the dermis.
-The project stores absolute URIs like every QuPath project; conic-qp finds the slide again
-wherever the repository is cloned because it sits at the same place relative to the project.
+
+QuPath needs absolute URIs, so the project is written as if it lived at :data:`PLACEHOLDER`:
+no path of the machine that made it is committed, and because the slide keeps its place
+relative to the project's ``uri``, QuPath's *search relative* (when the project is opened in
+QuPath first) and ``conic-qp annotate`` (which then writes the clone's real paths into
+``project.qpproj``, backup first) find the slide wherever the repository is cloned.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ REGIONS = {
     ],
 }  # fmt: skip
 COLORS = {"Tumor": [200, 0, 0], "Stroma": [150, 200, 150]}
+#: Where the committed project.qpproj says it lives (no real machine's path).
+PLACEHOLDER = "/path/to/conic-qp/examples/CMU-1"
 
 
 def main() -> None:
@@ -48,7 +54,7 @@ def main() -> None:
     slide = EXAMPLE / SLIDE_NAME
     if not slide.exists():
         shutil.copyfile(args.slide, slide)
-    project = write_project(EXAMPLE, [slide], overwrite=True)
+    project = write_project(EXAMPLE, [slide], overwrite=True, as_if_at=PLACEHOLDER)
     for leftover in EXAMPLE.glob("project.qpproj*.bak"):
         leftover.unlink()  # write_project backs up the previous file; the example needs none
     entry = read_project(project).images[0].entry_id

@@ -23,12 +23,11 @@ def _has_gpu() -> bool:
 
 
 def _has_qupath() -> bool:
-    try:
-        import paquo.jpype_backend  # noqa: F401
-        from paquo.java import QuPath  # type: ignore  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """paquo imports and finds a QuPath installation the way paquo does (its settings:
+    ``PAQUO_QUPATH_DIR``, ``.paquo.toml``, default search folders), without starting Java."""
+    from conic_qp.qupath.paquo_io import paquo_available
+
+    return paquo_available()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     checks = {"gpu": _has_gpu, "qupath": _has_qupath}
     for item in items:
         for name, (available, reason) in skips.items():
-            if name not in item.keywords:
+            if item.get_closest_marker(name) is None:  # a marker, not any keyword (folder names)
                 continue
             if available is None:
                 available = checks[name]()

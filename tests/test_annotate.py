@@ -14,6 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import shapely
@@ -29,7 +30,7 @@ from conic_qp.model import ConicNet, ModelConfig
 from conic_qp.postprocess import PostprocessParams
 from conic_qp.predict import ModelSet, PredictSettings
 from conic_qp.qupath.classes import QUPATH_DEFAULT_CLASSES, argb_to_rgb
-from conic_qp.qupath.project import read_project, regions_path, write_project
+from conic_qp.qupath.project import fix_image_uris, read_project, regions_path, write_project
 from conic_qp.sinks.geojson import read_regions
 from conic_qp.sinks.tables import read_table
 from conic_qp.synthetic import synthetic_slide_image
@@ -80,7 +81,12 @@ def make_project(root: Path, n: int = 2) -> Path:
 
 
 def features(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
+    """Features of one GeoJSON file, or of every file of a detection folder (manifest order)."""
+    if path.is_dir():
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        return [f for e in manifest["files"] for f in features(path / e["file"])]
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
         fc = json.load(fh)
     assert fc["type"] == "FeatureCollection"
     return fc["features"]
@@ -129,8 +135,8 @@ def test_annotate_writes_detections_classes_script_and_tables(project: Path) -> 
     assert [o.status for o in res.images] == ["done", "done"]
     assert project.read_bytes() == before  # the geojson backend never touches project.qpproj
     # detections per image, QuPath's GeoJSON rules
-    one = features(pdir / "detections" / "1.geojson.gz")
-    two = features(pdir / "detections" / "2.geojson.gz")
+    one = features(pdir / "detections" / "1")
+    two = features(pdir / "detections" / "2")
     assert len(one) == res.images[0].n_nuclei > 5 and len(two) == res.images[1].n_nuclei > 5
     check_qupath_rules(one + two)
     assert not {f["id"] for f in one} & {f["id"] for f in two}
@@ -153,7 +159,8 @@ def test_annotate_writes_detections_classes_script_and_tables(project: Path) -> 
     script = pdir / "groovy" / "import_conic_qp.groovy"
     assert script.read_bytes() == GROOVY.read_bytes()
     assert res.command == import_command(project, script)
-    assert res.command.startswith("QuPath script -p ") and " --save " in res.command
+    assert res.command.startswith("QuPath script -p ") and "--save" not in res.command
+    assert not res.uri_fixes and res.project_backup is None and not res.unresolved
     # run record
     run = json.loads((pdir / "conic-qp" / "run.json").read_text())
     assert run["complete"] is True and run["backend"] == "geojson"
@@ -185,20 +192,37 @@ def test_annotate_writes_detections_classes_script_and_tables(project: Path) -> 
 
 def test_example_project_resolves_when_cloned_elsewhere(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "CMU-1"
-    copy = tmp_path / "somewhere" / "CMU-1"
-    shutil.copytree(example, copy)
-    # as on a machine where the path the example was written at does not exist
-    text = (copy / "project.qpproj").read_text()
-    saved_dir = json.loads(text)["uri"].rsplit("/", 1)[0]
-    (copy / "project.qpproj").write_text(text.replace(saved_dir, "file:/no/such/dir/CMU-1"))
+    committed = json.loads((example / "project.qpproj").read_text())
+    # no path of the machine that wrote it; the slide's place relative to the project's uri is
+    # what QuPath's "search relative" and conic-qp use to find it in a clone
+    placeholder = "file:/path/to/conic-qp/examples/CMU-1"
+    assert committed["uri"] == f"{placeholder}/project.qpproj"
+    assert committed["images"][0]["serverBuilder"]["uri"] == f"{placeholder}/CMU-1-Small-Region.svs"
+    copy = tmp_path / "some where" / "CMU-1"
+    shutil.copytree(example, copy, ignore=shutil.ignore_patterns(*IGNORED))
     qp = read_project(copy / "project.qpproj")
     (im,) = qp.images
-    assert im.ok and im.path == copy / "CMU-1-Small-Region.svs"
+    assert im.ok and im.moved and im.path == copy / "CMU-1-Small-Region.svs"
     regions = {r.name: r for r in read_regions(regions_path(copy, im.entry_id))}
     assert set(regions) == {"Tumor", "Stroma"}
     assert regions["Tumor"].class_name == "Tumor" and regions["Stroma"].geometry.is_valid
     assert not regions["Tumor"].geometry.intersects(regions["Stroma"].geometry)
     assert all(shapely.box(0, 0, 2220, 2967).contains(r.geometry) for r in regions.values())
+    # what annotate does first: the clone's own paths, in QuPath's form, backup kept
+    fixes, backup = fix_image_uris(qp)
+    assert backup is not None and json.loads(backup.read_text()) == committed
+    data = json.loads((copy / "project.qpproj").read_text())
+    assert (
+        data["images"][0]["serverBuilder"]["uri"]
+        == fixes[0].new
+        == ("file:" + (copy / "CMU-1-Small-Region.svs").as_posix().replace(" ", "%20"))
+    )
+    assert data["uri"] == "file:" + (copy / "project.qpproj").as_posix().replace(" ", "%20")
+    assert "/path/to/" not in json.dumps(data)
+
+
+#: what `conic-qp annotate` / QuPath leave in the example (its .gitignore)
+IGNORED = ("detections", "conic-qp", "groovy", "classifiers", "data", "*.bak", ".conic-qp.lock")
 
 
 def test_cells_carry_nucleus_geometry_and_a_project_without_classes_gets_defaults(
@@ -211,7 +235,7 @@ def test_cells_carry_nucleus_geometry_and_a_project_without_classes_gets_default
         backend="geojson", regions="tissue",
     )  # fmt: skip
     assert res.ok and res.images[0].region_source == "tissue"
-    check_qupath_rules(features(project.parent / "detections" / "1.geojson.gz"), "cell")
+    check_qupath_rules(features(project.parent / "detections" / "1"), "cell")
     names = [
         c["name"]
         for c in json.loads((project.parent / "classifiers" / "classes.json").read_text())[
@@ -244,19 +268,23 @@ def test_rerun_is_idempotent_and_interruptions_keep_old_detections(project: Path
     pdir = project.parent
     s = fast(batch_size=1)  # one tile per forward call: failures land inside image 1
     annotate_project(project, stand_in_models(), s, backend="geojson")
-    det = {i: (pdir / "detections" / f"{i}.geojson.gz") for i in ("1", "2")}
+    det = {i: (pdir / "detections" / i) for i in ("1", "2")}
     first = {i: features(p) for i, p in det.items()}
     annotate_project(project, stand_in_models(), s, backend="geojson")
     for i, p in det.items():
         again = features(p)
         assert [f["id"] for f in again] == [f["id"] for f in first[i]]  # same ids, not twice
-    old_bytes = {i: p.read_bytes() for i, p in det.items()}
+
+    def folder_bytes(p: Path) -> dict[str, bytes]:
+        return {f.name: f.read_bytes() for f in sorted(p.iterdir())}
+
+    old_bytes = {i: folder_bytes(p) for i, p in det.items()}
     project_bytes = project.read_bytes()
 
     # Ctrl-C in the middle of image 1: it propagates, nothing half-written stays behind
     with pytest.raises(KeyboardInterrupt):
         annotate_project(project, failing_models(2, KeyboardInterrupt), s, backend="geojson")
-    assert {i: p.read_bytes() for i, p in det.items()} == old_bytes
+    assert {i: folder_bytes(p) for i, p in det.items()} == old_bytes
     assert project.read_bytes() == project_bytes and read_project(project).images
     assert not (pdir / ".conic-qp.lock").exists() and not list(pdir.rglob(".*.tmp"))
     run = json.loads((pdir / "conic-qp" / "run.json").read_text())
@@ -266,7 +294,7 @@ def test_rerun_is_idempotent_and_interruptions_keep_old_detections(project: Path
     res = annotate_project(project, failing_models(2, RuntimeError), s, backend="geojson")
     assert [o.status for o in res.images] == ["failed", "done"]
     assert "simulated failure" in res.failures["1 (slide1.tif)"]
-    assert det["1"].read_bytes() == old_bytes["1"]
+    assert folder_bytes(det["1"]) == old_bytes["1"]
 
 
 def test_missing_image_fails_alone_and_unknown_images_are_refused(project: Path) -> None:
@@ -274,7 +302,7 @@ def test_missing_image_fails_alone_and_unknown_images_are_refused(project: Path)
     res = annotate_project(project, stand_in_models(), fast(), backend="geojson")
     assert [o.status for o in res.images] == ["failed", "done"]
     assert "not found" in res.failures["1 (slide1.tif)"]
-    assert (project.parent / "detections" / "2.geojson.gz").exists()
+    assert (project.parent / "detections" / "2" / "manifest.json").exists()
     with pytest.raises(ConicQPError, match="not in project"):
         annotate_project(project, stand_in_models(), fast(), images=["nope"], backend="geojson")
     with pytest.raises(ConicQPError, match="not a folder"):
@@ -343,7 +371,7 @@ def test_cli_annotate_exit_codes(project: Path, tiny_ckpt: Path) -> None:
     code, out = cli("annotate", str(project), *common)
     assert code == 1, out
     assert "slide2.tif" in out and "not found" in out
-    assert "QuPath script -p" in out and (project.parent / "detections" / "1.geojson.gz").exists()
+    assert "QuPath script -p" in out and (project.parent / "detections" / "1").is_dir()
     code, out = cli("annotate", str(project), "--list")
     assert code == 0 and "slide1.tif" in out
 
@@ -362,3 +390,115 @@ def test_cli_annotate_exit_codes(project: Path, tiny_ckpt: Path) -> None:
     assert code == 2 and "not valid JSON" in one_error_line(out)
     assert project.read_bytes() == before
     assert sorted(p.relative_to(project.parent) for p in project.parent.rglob("*")) == listing
+
+
+# ---------------------------------------------------------- moved projects, QuPath's hierarchy
+
+
+def test_moved_project_gets_its_uris_fixed_and_reported(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "before")
+    (tmp_path / "before").rename(tmp_path / "after")
+    project = tmp_path / "after" / "proj" / "project.qpproj"
+    before = project.read_bytes()
+    # --no-fix-uris: the project file is left byte for byte, the images are listed as unreachable
+    res = annotate_project(
+        project, stand_in_models(), fast(), backend="geojson", fix_uris=False, images=["2"]
+    )
+    assert res.ok and not res.uri_fixes and project.read_bytes() == before
+    assert res.unresolved == ["1 (slide1.tif)", "2 (slide2.tif)"]
+    res = annotate_project(project, stand_in_models(), fast(), backend="geojson", images=["2"])
+    assert res.ok and [f.entry_id for f in res.uri_fixes] == ["1", "2"]  # every image that moved
+    assert res.project_backup is not None and res.project_backup.read_bytes() == before
+    assert not res.unresolved
+    data = json.loads(project.read_text())
+    slides = tmp_path / "after" / "slides"
+    assert [e["serverBuilder"]["uri"] for e in data["images"]] == [
+        f"file:{(slides / n).as_posix()}" for n in ("slide1.tif", "slide2.tif")
+    ]
+    assert data["uri"] == f"file:{project.as_posix()}"
+    assert "before" not in project.read_text()
+    again = annotate_project(project, stand_in_models(), fast(), backend="geojson", images=["2"])
+    assert not again.uri_fixes and project.read_text() == json.dumps(data, indent=2) + "\n"
+
+
+def _qupath_placement(folder: Path) -> tuple[dict[str, shapely.Geometry], dict[str | None, int]]:
+    """What the import script leaves in QuPath, from the files alone: the annotations (from
+    regions.geojson) and the number of detections below each (QuPath's "Num Detections":
+    children and the children of nested annotations). Also checks that every file's parent is
+    the annotation QuPath's own rule gives the feature as written (smallest annotation holding
+    its outline's centroid, coordinates as float32)."""
+    m = json.loads((folder / "manifest.json").read_text())
+    regions = {r.id: r.geometry for r in read_regions(folder / m["regions_file"])}
+    assert list(regions) == [a["id"] for a in m["annotations"]]
+    by_area = sorted(regions, key=lambda k: regions[k].area)
+    placed: dict[str | None, int] = {}
+    for entry in m["files"]:
+        for f in features(folder / entry["file"]):
+            ring = np.asarray(f["geometry"]["coordinates"][0], dtype=np.float32).astype(float)
+            c = shapely.Polygon(ring).centroid
+            rule = next((k for k in by_area if regions[k].covers(c)), None)
+            assert rule == entry["parent"]
+            placed[rule] = placed.get(rule, 0) + 1
+    # annotation tree (an annotation's parent: the smallest other one covering it)
+    parent_of = {
+        k: next((o for o in by_area if o != k and regions[o].covers(regions[k])), None)
+        for k in regions
+    }
+    below: dict[str | None, int] = {k: 0 for k in regions}
+    for k, n in placed.items():
+        while k is not None:
+            below[k] += n
+            k = parent_of[k]
+    below[None] = placed.get(None, 0)
+    return regions, below
+
+
+def test_detections_under_their_annotations_give_compositions_counts(project: Path) -> None:
+    """Per-annotation counts in QuPath (after the import) equal `conic-qp composition`'s."""
+    pdir = project.parent
+    outer, inner, side = (
+        shapely.box(20, 20, 230, 250),
+        shapely.box(60, 60, 150, 150),
+        shapely.box(235, 20, 280, 250),
+    )
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "id": str(uuid.uuid4()), "geometry": shapely.geometry.mapping(g),
+             "properties": {"objectType": "annotation", "name": name,
+                            "classification": {"name": cls, "color": [200, 0, 0]}}}
+            for g, name, cls in ((outer, "outer", "Tumor"), (inner, "inner", "Stroma"),
+                                 (side, "side", "Tumor"))
+        ],
+    }  # fmt: skip
+    (pdir / "regions" / "1.geojson").write_text(json.dumps(fc))
+    res = annotate_project(
+        project, stand_in_models(), fast(), images=["1"], regions="tissue",
+        backend="geojson", detections_per_file=7,
+    )  # fmt: skip
+    assert res.ok and res.images[0].region_source == "tissue"  # inference on the whole tissue
+    folder = pdir / "detections" / "1"
+    m = json.loads((folder / "manifest.json").read_text())
+    assert len(m["files"]) > 4 and all(e["count"] <= 7 for e in m["files"])
+    regions, below = _qupath_placement(folder)
+    assert below[None] > 0  # nuclei outside every annotation stay at the root
+    names = {a["id"]: a["name"] for a in m["annotations"]}
+    code, out = cli("composition", str(project), "-o", str(pdir / "comp.csv"))
+    assert code == 1 and "slide2.tif" in out, out  # image 2 was not annotated in this test
+    tidy = pd.read_csv(pdir / "comp.csv")
+    assert set(tidy["slide"]) == {"slide1.tif"}
+    comp = tidy.groupby("region")["count"].sum().to_dict()
+    assert {names[k]: below[k] for k in regions} == comp
+    assert all(comp.values()) and comp["outer"] > comp["inner"]
+    assert res.images[0].parent_counts == {
+        **{names[k]: n for k, n in json.loads(json.dumps(_direct(m))).items() if k != "root"},
+        "root": below[None],
+    }
+
+
+def _direct(manifest: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in manifest["files"]:
+        key = e["parent"] or "root"
+        out[key] = out.get(key, 0) + e["count"]
+    return out

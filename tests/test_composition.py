@@ -214,3 +214,66 @@ def test_cohort_from_a_folder_of_predictions(tmp_path: Path) -> None:
         write_composition(tidy, summary, tmp_path / "table.xlsx")
     with pytest.raises(ConicQPError, match=r"no .*nuclei\.parquet"):
         load_cohort(regions_dir)
+
+
+def test_centroid_rule_uses_the_outline_centroid_qupath_computes() -> None:
+    # an L-shaped nucleus: its mask centroid (table columns) and its outline's centroid differ
+    ell = Polygon([(0, 0), (12, 0), (12, 3), (3, 3), (3, 12), (0, 12)])
+    offset = np.array([[100.0, 100.0], [200.0, 100.0]])
+    polys = [shapely.affinity.translate(ell, x, y) for x, y in offset]
+    table = pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "centroid_x": offset[:, 0] + 6.0,  # deliberately not the outline's centroid
+            "centroid_y": offset[:, 1] + 6.0,
+            "class_name": [NAMES[0], NAMES[1]],
+            "polygon_wkb": [shapely.to_wkb(p) for p in polys],
+        }
+    )
+    from conic_qp.composition import qupath_centroids
+
+    cx, cy = qupath_centroids(table)
+    want = np.array([[p.centroid.x, p.centroid.y] for p in polys])
+    np.testing.assert_allclose(np.column_stack([cx, cy]), want, atol=1e-4)
+    # a region holding (x+6, y+6) but not the outline's centroid (about x+3.7, y+3.7)
+    region = box(104.5, 104.5, 120, 120)
+    assert region.covers(Point(106, 106)) and not region.covers(polys[0].centroid)
+    (members,) = assign_nuclei(table, [region])
+    assert members.tolist() == []
+    (members,) = assign_nuclei(table, [box(100, 100, 104.5, 104.5)])
+    assert members.tolist() == [0]
+    # without outlines the table's centroids are used
+    (members,) = assign_nuclei(table.drop(columns="polygon_wkb"), [region])
+    assert members.tolist() == [0]
+
+
+def test_parent_regions_follow_qupaths_smallest_containing_annotation() -> None:
+    from conic_qp.composition import parent_regions
+
+    outer = box(0, 0, 100, 100)
+    inner = box(20, 20, 40, 40)
+    a = box(200, 0, 260, 60)  # a and b overlap without nesting
+    b = box(240, 0, 280, 40)
+    holed = Polygon(
+        [(400, 0), (500, 0), (500, 100), (400, 100)], holes=[box(440, 40, 460, 60).exterior.coords]
+    )
+    xy = np.array(
+        [[30, 30], [70, 70], [250, 20], [210, 50], [270, 30], [450, 50], [420, 20], [150, 150],
+         [100, 50]]  # last: on outer's border (covers)
+    )  # fmt: skip
+    table = nuclei(xy.astype(float), [NAMES[0]] * len(xy))
+    regions = [outer, inner, a, b, holed]
+    parent = parent_regions(table, regions)
+    assert parent.tolist() == [1, 0, 3, 2, 3, -1, 4, -1, 0]
+    assert (parent_regions(table, []) == -1).all()
+    assert parent_regions(table, [None, inner]).tolist() == [1] + [-1] * 8
+    # QuPath counts a detection under every ancestor annotation: with nesting, those counts equal
+    # the centroid rule's; only the partial overlap of a and b differs (QuPath: one parent)
+    members = assign_nuclei(table, regions)
+    descendants = {0: {0, 1}, 1: {1}, 2: {2}, 3: {3}, 4: {4}}  # annotation tree: inner in outer
+    for k, idx in enumerate(members):
+        qupath = int(np.isin(parent, list(descendants[k])).sum())
+        if k == 2:
+            assert qupath == len(idx) - 1  # (250, 20) lies in a and b: QuPath gives it to b
+        else:
+            assert qupath == len(idx)

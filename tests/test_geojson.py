@@ -307,3 +307,163 @@ def test_write_geojson_of_table_batches_equals_the_whole_table(tmp_path: Path) -
     )
     assert json.loads(parts.read_text()) == json.loads(whole.read_text())
     assert len(json.loads(parts.read_text())["features"]) == 4
+
+
+# ------------------------------------------------------------------- annotations, folders
+
+
+def _read_fc(path: Path) -> list[dict]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+        fc = json.load(fh)
+    assert fc["type"] == "FeatureCollection"
+    return fc["features"]
+
+
+def test_annotations_follow_qupath_rules_and_keep_ids(tmp_path: Path) -> None:
+    keep = str(uuid.uuid4())
+    regions = [
+        gj.Region(shapely.box(0, 0, 10.123, 10), "A", "Tumor", keep),
+        gj.Region(shapely.box(20, 0, 30, 10), None, "Stroma", "not-a-uuid"),
+        gj.Region(shapely.box(40, 0, 50, 10), "no class"),
+        gj.Region(
+            shapely.box(60, 0, 70, 10), None, "Mine", None,
+            {"classification": {"name": "Mine", "color": [1, 2, 3]}},
+        ),
+    ]  # fmt: skip
+    path = gj.write_annotations(regions, tmp_path / "r.geojson", palette={"Stroma": (9, 8, 7)})
+    feats = _read_fc(path)
+    assert len(feats) == 4
+    for f in feats:
+        uuid.UUID(f["id"])
+        assert f["properties"]["objectType"] == "annotation"
+        cls = f["properties"].get("classification")
+        if cls is not None:  # never without a colour: QuPath would reject the whole file
+            assert len(cls["color"]) == 3 and all(0 <= v <= 255 for v in cls["color"])
+        for ring in f["geometry"]["coordinates"]:
+            _check_ring(ring)
+    assert feats[0]["id"] == keep and feats[0]["properties"]["name"] == "A"
+    assert feats[1]["properties"]["classification"]["color"] == [9, 8, 7]
+    assert "classification" not in feats[2]["properties"]
+    assert feats[3]["properties"]["classification"]["color"] == [1, 2, 3]
+    # ids made for non-UUID regions are stable, and the file reads back as the same regions
+    again = gj.write_annotations(regions, tmp_path / "r.geojson", palette={"Stroma": (9, 8, 7)})
+    assert [f["id"] for f in _read_fc(again)] == [f["id"] for f in feats]
+    back = read_regions(path)
+    assert [r.class_name for r in back] == ["Tumor", "Stroma", None, "Mine"]
+    assert back[0].geometry.equals(shapely.box(0, 0, 10.12, 10))
+
+
+@pytest.mark.shared_data
+def test_every_object_we_write_reads_like_qupaths_own_files(
+    table: pd.DataFrame, tmp_path: Path, shared_data: Path
+) -> None:
+    """Our annotation files have the key layout of a file QuPath 0.5.1 wrote itself."""
+    written = json.loads(
+        (shared_data / "qupath" / "geojson" / "qupath051_written_cell.geojson").read_text()
+    )
+    qupath_keys = set(written["features"][0]) - {"nucleusGeometry"}
+    path = gj.write_annotations(
+        [gj.Region(shapely.box(0, 0, 5, 5), "x", "Tumor")], tmp_path / "a.geojson"
+    )
+    (f,) = _read_fc(path)
+    assert set(f) == qupath_keys
+    assert set(written["features"][0]["properties"]["classification"]) == set(
+        f["properties"]["classification"]
+    )
+
+
+def _grid_table(n_side: int, spacing: float = 10.0) -> pd.DataFrame:
+    """Nuclei on a grid (small squares), as a conic-qp table."""
+    labels = np.zeros((n_side * 8, n_side * 8), np.int32)
+    k = 0
+    for r in range(n_side):
+        for c in range(n_side):
+            k += 1
+            labels[r * 8 + 2 : r * 8 + 6, c * 8 + 2 : c * 8 + 6] = k
+    probs = np.tile(np.eye(6, dtype=np.float32)[[1]], (k, 1))
+    return instances_to_table(
+        Instances(labels, np.full(k, 2), probs), CONIC,
+        scale=spacing / 8, mpp_level0=0.5, image_id="grid",
+    )  # fmt: skip
+
+
+def test_detection_folder_groups_by_parent_and_chunks(tmp_path: Path) -> None:
+    from conic_qp.composition import parent_regions
+
+    table = _grid_table(20)  # 400 nuclei over 200 x 200 px
+    outer = gj.Region(shapely.box(0, 0, 120, 120), "outer", "Tumor", str(uuid.uuid4()))
+    inner = gj.Region(shapely.box(30, 30, 60, 60), "inner", "Stroma", "inner-id")
+    folder = tmp_path / "detections" / "7"
+    res = gj.write_detection_folder(
+        table, folder, CONIC, regions=[outer, inner], add_regions=True, per_file=50,
+        info={"entry_id": "7", "image_name": "x.svs"},
+    )  # fmt: skip
+    m = json.loads((folder / gj.MANIFEST).read_text())
+    assert m["format"] == gj.MANIFEST_FORMAT and m["entry_id"] == "7" and m["n_objects"] == 400
+    ids = [a["id"] for a in m["annotations"]]
+    assert ids[0] == outer.id and str(uuid.UUID(ids[1])) == ids[1]  # a UUID for "inner-id"
+    assert m["annotations"][1]["area"] == pytest.approx(900.0)
+    # every file: at most 50 QuPath-valid features, all of one parent, as the manifest says
+    parent = parent_regions(table, [outer.geometry, inner.geometry])
+    want = {
+        None: int((parent == -1).sum()),
+        ids[0]: int((parent == 0).sum()),
+        ids[1]: int((parent == 1).sum()),
+    }
+    assert all(want.values()) and res.counts_by_parent() == want
+    seen: dict[str, str | None] = {}
+    for entry in m["files"]:
+        feats = _read_fc(folder / entry["file"])
+        assert len(feats) == entry["count"] <= 50
+        for f in feats:
+            _check_feature(f, "detection")
+            seen[f["id"]] = entry["parent"]
+    by_id = dict(zip(table["id"], parent.tolist(), strict=True))
+    assert len(seen) == 400
+    assert all(seen[i] == (ids[p] if p >= 0 else None) for i, p in by_id.items())
+    # the regions, as QuPath annotations with the ids the manifest names
+    regs = _read_fc(folder / m["regions_file"])
+    assert [f["id"] for f in regs] == ids
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    # re-written from row batches: same content; a failure leaves the previous folder whole
+    batches = [table.iloc[i : i + 64] for i in range(0, 400, 64)]
+    res2 = gj.write_detection_folder(
+        lambda: iter(batches), folder, CONIC, regions=[outer, inner], per_file=50
+    )
+    assert res2.counts_by_parent() == want and res2.manifest["regions_file"] is None
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken() -> object:
+        yield table.iloc[:10]
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        gj.write_detection_folder(broken, folder, CONIC, regions=[outer])  # type: ignore[arg-type]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["7"]
+
+
+def test_detection_folder_bounds_open_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many parents interleaved: files are closed early rather than hundreds kept open."""
+    monkeypatch.setattr(gj, "_MAX_OPEN_FILES", 2)
+    table = _grid_table(12)  # rows in raster order: 12 columns of annotations interleave
+    cols = [
+        gj.Region(shapely.box(c * 10, 0, c * 10 + 10, 120), f"c{c}", "Tumor") for c in range(12)
+    ]
+    batches = [table.iloc[i : i + 12] for i in range(0, len(table), 12)]
+    res = gj.write_detection_folder(lambda: iter(batches), tmp_path / "d", CONIC, regions=cols)
+    assert res.n_objects == 144
+    counts = res.counts_by_parent()
+    assert len(counts) == 12 and set(counts.values()) == {12}
+    assert len(res.files) > 12  # parents got new files after being closed
+    assert sum(len(_read_fc(p)) for p in res.files) == 144
+
+
+def test_empty_detection_folder_still_has_a_manifest(table: pd.DataFrame, tmp_path: Path) -> None:
+    res = gj.write_detection_folder(table.iloc[:0], tmp_path / "d", CONIC)
+    assert res.n_objects == 0 and res.manifest["files"] == [] and res.manifest["annotations"] == []
+    assert gj.read_detection_manifest(tmp_path / "d")["n_objects"] == 0

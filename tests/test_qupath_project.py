@@ -19,16 +19,18 @@ from conic_qp.qupath.classes import (
 )
 from conic_qp.qupath.project import (
     backup_file,
-    detections_path,
+    detections_dir,
     ensure_project_writable,
+    fix_image_uris,
     parse_remap,
     project_lock,
+    qupath_file_uri,
     read_project,
     regions_path,
     uri_to_path_string,
     write_project,
 )
-from conic_qp.sinks.geojson import MARKER
+from conic_qp.sinks.geojson import MANIFEST, MANIFEST_FORMAT, MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -350,18 +352,157 @@ def test_real_classes_json_merge(shared_data: Path, tmp_path: Path) -> None:
 def test_groovy_scripts_match_python_paths_and_marker(tmp_path: Path) -> None:
     imp = (REPO / "groovy" / "import_conic_qp.groovy").read_text(encoding="utf-8")
     exp = (REPO / "groovy" / "export_annotations_geojson.groovy").read_text(encoding="utf-8")
-    det = detections_path(tmp_path, 7)
+    det = detections_dir(tmp_path, 7)
     reg = regions_path(tmp_path, 7)
     assert re.search(rf"MARKER = '{re.escape(MARKER)}'", imp)
-    assert f"DETECTIONS_DIR = '{det.parent.name}'" in imp
-    assert f"SUFFIX = '{det.name[1:]}'" in imp
+    assert f"DETECTIONS_DIR = '{det.parent.name}'" in imp and det.name == "7"
+    assert f"MANIFEST = '{MANIFEST}'" in imp and f"MANIFEST_FORMAT = '{MANIFEST_FORMAT}'" in imp
     assert f"REGIONS_DIR = '{reg.parent.name}'" in exp
     assert f"SUFFIX = '{reg.name[1:]}'" in exp
     for text in (imp, exp):
         assert "0.4" in text and "0.7" in text  # versions in the header
         assert "getProjectEntry().getID()" in text or "entry.getID()" in text
         assert text.count("{") == text.count("}") and text.count("(") == text.count(")")
-    assert "QuPath script -p" in imp and "--save" in imp
-    for call in ("readObjectsFromGeoJSON", "removeObjects", "addObjects", "GZIPInputStream"):
+    # the manifest keys the script reads are those write_detection_folder writes
+    for key in ("'files'", "'file'", "'count'", "'parent'", "'annotations'", "'area'", "'id'",
+                "'regions_file'", "'format'"):  # fmt: skip
+        assert key in imp
+    # the command it documents has no --save: the script saves the images it changes itself
+    assert (
+        "QuPath script -p" in imp and "QuPath script -p /path/to/project.qpproj --save" not in imp
+    )
+    for call in ("readObjectsFromGeoJSON", "removeObjects", "addObjectBelowParent",
+                 "insertPathObjects", "GZIPInputStream", "saveImageData", "BRIGHTFIELD_H_E",
+                 "ImageType.UNSET", "setProperty"):  # fmt: skip
         assert call in imp
+    assert "resolveHierarchy()" in imp.split("MissingMethodException")[1]  # only as fallback
     assert "exportObjectsToGeoJson" in exp and "FEATURE_COLLECTION" in exp
+
+
+# ------------------------------------------------------------------------------ image URIs
+
+
+@pytest.mark.parametrize(
+    ("path", "ascii_only", "uri"),
+    [
+        ("/data/MTA3-8_GPC3 (2).svs", True, "file:/data/MTA3-8_GPC3%20(2).svs"),
+        ("/data/ŞUBAT/k.svs", True, "file:/data/%C5%9EUBAT/k.svs"),
+        ("/data/ŞUBAT/k.svs", False, "file:/data/ŞUBAT/k.svs"),
+        ("/a/b#c%d?e[f]g.svs", True, "file:/a/b%23c%25d%3Fe%5Bf%5Dg.svs"),
+        ("/a/~x!$&'()*+,;=:@y.tif", True, "file:/a/~x!$&'()*+,;=:@y.tif"),
+    ],
+)
+def test_file_uri_is_the_form_java_writes(path: str, ascii_only: bool, uri: str) -> None:
+    assert qupath_file_uri(path, ascii_only=ascii_only) == uri
+    assert uri_to_path_string(uri) == path  # and it reads back
+
+
+@pytest.mark.shared_data
+def test_file_uris_equal_those_real_qupath_projects_store(shared_data: Path) -> None:
+    """Every POSIX image URI of the real QuPath 0.4-0.7 projects is exactly what we would write."""
+    checked = 0
+    for folder in ("orion-cirb_QuPath_Foci_v0.4.0", "andrewzhang419_QuPath_v0.5.1",
+                   "smith6jt-cop_SpleenFollicleCounterQP_v0.7.0"):  # fmt: skip
+        data = json.loads(
+            (shared_data / "qupath" / "projects" / folder / "project.qpproj").read_text()
+        )
+        for entry in data["images"]:
+            uri = entry["serverBuilder"]["uri"]
+            path = uri_to_path_string(uri)
+            assert path is not None and path.startswith("/")
+            assert qupath_file_uri(path) == uri
+            checked += 1
+        assert qupath_file_uri(uri_to_path_string(data["uri"]), ascii_only=False) == data["uri"]
+    # Windows drives, non-ASCII (QuPath 0.6 writes UTF-8 escapes) and spaces, as strings
+    data = json.loads(
+        (
+            shared_data
+            / "qupath"
+            / "projects"
+            / "sbalci_metadata-qupath_v0.6.0-rc3"
+            / "project.qpproj"
+        ).read_text()
+    )
+    for entry in data["images"]:
+        uri = entry["serverBuilder"]["uri"]
+        path = uri_to_path_string(uri)
+        assert path is not None and path[1] == ":"
+        assert "file:/" + path[:2] + _quote_rest(path[2:]) == uri
+        checked += 1
+    assert checked > 150
+
+
+def _quote_rest(rest: str) -> str:
+    return qupath_file_uri(rest)[len("file:") :]
+
+
+def test_fix_image_uris_rewrites_moved_images_in_qupath_form(tmp_path: Path) -> None:
+    old = tmp_path / "old place"
+    a = _slide(old / "proj" / "images" / "slide a.svs")
+    b = _slide(old / "elsewhere" / "b.svs")
+    write_project(old / "proj", [a, b])
+    original = json.loads((old / "proj" / "project.qpproj").read_text())
+    new = tmp_path / "moved"
+    old.rename(new)
+    file = new / "proj" / "project.qpproj"
+    before = file.read_bytes()
+    qp = read_project(file)
+    assert all(im.ok and im.moved for im in qp.images)
+    fixes, backup = fix_image_uris(qp)
+    assert backup is not None and backup.read_bytes() == before
+    assert [f.entry_id for f in fixes] == ["1", "2"]
+    data = json.loads(file.read_text(encoding="utf-8"))
+    uris = [e["serverBuilder"]["uri"] for e in data["images"]]
+    assert uris == [
+        "file:" + (new / "proj" / "images" / "slide%20a.svs").as_posix(),
+        "file:" + (new / "elsewhere" / "b.svs").as_posix(),
+    ]
+    assert data["uri"] == "file:" + file.as_posix()  # every image found: the project's uri too
+    # everything else is QuPath's as it was
+    for key in ("version", "createTimestamp", "lastID"):
+        assert data[key] == original[key]
+    for e, o in zip(data["images"], original["images"], strict=True):
+        assert {k: v for k, v in e.items() if k != "serverBuilder"} == {
+            k: v for k, v in o.items() if k != "serverBuilder"
+        }
+        assert e["serverBuilder"]["args"] == o["serverBuilder"]["args"]
+    again = read_project(file)
+    assert all(im.ok and not im.moved for im in again.images)
+    assert fix_image_uris(again) == ([], None)  # nothing moved: nothing written
+    assert not list(file.parent.glob(".*.tmp"))
+
+
+def test_fix_keeps_the_project_uri_while_an_image_is_missing(tmp_path: Path) -> None:
+    a = _slide(tmp_path / "old" / "p" / "a.svs")
+    b = _slide(tmp_path / "old" / "p" / "b.svs")
+    write_project(tmp_path / "old" / "p", [a, b])
+    data = json.loads((tmp_path / "old" / "p" / "project.qpproj").read_text())
+    # a pyramidize wrapper around image 2: the nested uri is the one to fix
+    data["images"][1]["serverBuilder"] = {
+        "builderType": "pyramidize",
+        "builder": data["images"][1]["serverBuilder"],
+    }
+    (tmp_path / "old" / "p" / "project.qpproj").write_text(json.dumps(data))
+    (tmp_path / "old").rename(tmp_path / "new")
+    (tmp_path / "new" / "p" / "a.svs").unlink()
+    file = tmp_path / "new" / "p" / "project.qpproj"
+    fixes, _ = fix_image_uris(read_project(file))
+    assert [f.entry_id for f in fixes] == ["2"]
+    out = json.loads(file.read_text())
+    assert out["images"][1]["serverBuilder"]["builder"]["uri"] == fixes[0].new
+    assert out["images"][0]["serverBuilder"]["uri"] == data["images"][0]["serverBuilder"]["uri"]
+    assert out["uri"] == data["uri"]  # QuPath's search relative still needs the old one
+
+
+def test_write_project_as_if_at_stores_no_local_path(tmp_path: Path) -> None:
+    a = _slide(tmp_path / "proj" / "CMU 1.svs")
+    file = write_project(tmp_path / "proj", [a], as_if_at="/path/to/examples/proj")
+    text = file.read_text()
+    assert str(tmp_path) not in text
+    data = json.loads(text)
+    assert data["uri"] == "file:/path/to/examples/proj/project.qpproj"
+    assert data["images"][0]["serverBuilder"]["uri"] == "file:/path/to/examples/proj/CMU%201.svs"
+    (im,) = read_project(file).images
+    assert im.ok and im.moved and im.path == a.resolve()  # found beside the project
+    with pytest.raises(ValueError, match="inside"):
+        write_project(tmp_path / "other", [a], as_if_at="/x")

@@ -1,7 +1,8 @@
 """QuPath integration without Java: project files, the class list, and paths the Groovy scripts use.
 
-``groovy/import_conic_qp.groovy`` reads :func:`detections_path` files and removes earlier objects
-carrying the :data:`conic_qp.sinks.geojson.MARKER` measurement;
+``groovy/import_conic_qp.groovy`` reads the :func:`detections_dir` folders (a manifest and chunk
+files grouped by parent annotation), adds the annotations of ``regions/`` to images without any,
+and removes earlier objects carrying the :data:`conic_qp.sinks.geojson.MARKER` measurement;
 ``groovy/export_annotations_geojson.groovy`` writes :func:`regions_path` files.
 """
 
@@ -9,11 +10,14 @@ from conic_qp.qupath.classes import update_project_classes
 from conic_qp.qupath.project import (
     ProjectImage,
     QuPathProject,
+    UriFix,
     backup_file,
-    detections_path,
+    detections_dir,
     ensure_project_writable,
+    fix_image_uris,
     parse_remap,
     project_lock,
+    qupath_file_uri,
     read_project,
     regions_path,
     write_project,
@@ -22,11 +26,14 @@ from conic_qp.qupath.project import (
 __all__ = [
     "ProjectImage",
     "QuPathProject",
+    "UriFix",
     "backup_file",
-    "detections_path",
+    "detections_dir",
     "ensure_project_writable",
+    "fix_image_uris",
     "parse_remap",
     "project_lock",
+    "qupath_file_uri",
     "read_project",
     "regions_path",
     "update_project_classes",

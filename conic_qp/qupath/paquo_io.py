@@ -6,11 +6,17 @@ by ``conic-qp annotate --backend paquo`` (and ``auto`` when paquo finds QuPath).
 
 What is written, per image, following paquo's documented API:
 
-- classes are created with their colour (``QuPathPathClass(name, color=(r, g, b))``) and added to
-  the project's class list, keeping the user's classes;
-- detections are added in bulk inside ``hierarchy.no_autoflush()`` with ``add_detection`` (ROI
-  from the nucleus polygon, the class, the class probability) and float measurements in QuPath's
-  naming (:data:`conic_qp.sinks.geojson.MEASUREMENT_NAMES`), plus the :data:`MARKER` measurement;
+- classes are created with their colour (``QuPathPathClass(name, color=(r, g, b))``) and merged
+  into the project's class list exactly as the GeoJSON backend merges ``classes.json``
+  (:func:`conic_qp.qupath.classes.merge_classes`: the user's classes kept, QuPath's defaults
+  seeded when the project has no class list yet);
+- regions come straight from the image's annotations (with their QuPath UUIDs); an image
+  without annotations gets the regions of a file (e.g. ``regions/<entryID>.geojson``) added as
+  annotations, so the regions and the nuclei under them show in QuPath;
+- detections are built with ``QuPathPathDetectionObject.from_shapely`` (ROI from the nucleus
+  polygon, the class, the class probability, float measurements in QuPath's naming plus the
+  :data:`MARKER` measurement) and added in bulk inside ``hierarchy.no_autoflush()`` below the
+  annotation QuPath would make their parent (``addObjectBelowParent``), or at the root;
 - detections of an earlier conic-qp run (those carrying the marker) are removed first; every
   other object (annotations, other detections) is left untouched;
 - one save per image; ``data.qpdata``, ``project.qpproj`` and ``classes.json`` are backed up first.
@@ -34,7 +40,13 @@ import shapely
 from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
 from conic_qp.objects import prob_column
-from conic_qp.qupath.classes import classes_path
+from conic_qp.qupath.classes import (
+    QUPATH_DEFAULT_CLASSES,
+    argb_to_rgb,
+    classes_path,
+    merge_classes,
+    read_path_classes,
+)
 from conic_qp.qupath.project import backup_file
 from conic_qp.sinks.geojson import (
     MARKER,
@@ -91,6 +103,24 @@ def measurements_of(table: pd.DataFrame, classes: ClassScheme) -> tuple[list[str
     return [name for _, name in cols], values
 
 
+def add_image_main_series(
+    project: Any, path: str | os.PathLike[str], image_type: Any = None
+) -> Any:
+    """Add an image file to a paquo project and return its main entry.
+
+    Under Bio-Formats a multi-series file (an Aperio SVS has its label, macro and thumbnail as
+    extra series) becomes several entries and paquo returns a list; conic-qp keeps the largest
+    series (the slide itself) and removes the others, so one file is one image, as conic-qp's
+    own project writer makes it.
+    """
+    entries = project.add_image(path, image_type=image_type, return_list=True)
+    main = max(entries, key=lambda e: int(e.width) * int(e.height))
+    for e in entries:
+        if e is not main:
+            project.remove_image(e)
+    return main
+
+
 class PaquoWriter:
     """A QuPath project opened through paquo for writing detections (one per annotate run)."""
 
@@ -109,19 +139,38 @@ class PaquoWriter:
 
     # -- classes -----------------------------------------------------------------------------
     def set_classes(self, scheme: ClassScheme) -> list[str]:
-        """Add the scheme's classes (with colours) to the project's list; keep the user's."""
+        """Merge the scheme's classes into the project's list like the GeoJSON backend does.
+
+        The existing list is read from ``classes.json`` (QuPath's defaults when the project has
+        none yet) and merged with :func:`conic_qp.qupath.classes.merge_classes`, so both
+        backends give the same class list; the user's classes keep their Java objects.
+        """
         from paquo.classes import QuPathPathClass
 
-        existing = list(self.project.path_classes)
-        have = {pc.name for pc in existing}
-        added: list[str] = []
+        path = classes_path(self.path.parent)
+        existing = (
+            read_path_classes(path) if path.exists() else [dict(c) for c in QUPATH_DEFAULT_CLASSES]
+        )
+        merged, added = merge_classes(existing, scheme)
+        current = {pc.id: pc for pc in self.project.path_classes}
+        out = []
+        for entry in merged:
+            name = str(entry["name"])
+            if name in current:
+                out.append(current[name])
+                continue
+            color = (
+                argb_to_rgb(int(entry["color"])) if isinstance(entry.get("color"), int) else None
+            )
+            parent = None
+            if ": " in name:  # a derived class of the user's list ("Tumor: Positive")
+                base, _, name = name.rpartition(": ")
+                parent = QuPathPathClass(base)
+            out.append(QuPathPathClass(name, color=color, parent=parent))
         for c in scheme:
             self._classes[c.name] = QuPathPathClass(c.name, color=tuple(int(v) for v in c.color))
-            if c.name not in have:
-                existing.append(self._classes[c.name])
-                added.append(c.name)
-        if added:
-            self.project.path_classes = existing
+        if added or len(out) != len(current):
+            self.project.path_classes = out
         return added
 
     # -- images ------------------------------------------------------------------------------
@@ -132,7 +181,7 @@ class PaquoWriter:
         raise ConicQPError(f"paquo: project {self.path} has no image with entry id {entry_id}")
 
     def read_regions(self, entry_id: str) -> list[Region]:
-        """The image's annotations as polygon regions (points and lines skipped)."""
+        """The image's polygon annotations (points and lines skipped) with their QuPath UUIDs."""
         out: list[Region] = []
         for ann in self.image(entry_id).hierarchy.annotations:
             geom = ann.roi
@@ -141,22 +190,62 @@ class PaquoWriter:
             if not isinstance(geom, shapely.Polygon | shapely.MultiPolygon) or geom.is_empty:
                 continue
             pc = ann.path_class
-            out.append(Region(geom, ann.name, pc.name if pc is not None else None))
+            out.append(Region(geom, ann.name, pc.name if pc is not None else None, _uuid_of(ann)))
         return out
 
-    def write_detections(
-        self, entry_id: str, table: pd.DataFrame, classes: ClassScheme
-    ) -> tuple[int, int]:
-        """Replace the image's conic-qp detections by ``table``'s; returns (removed, added)."""
+    def _add_regions(self, image: Any, regions: list[Region]) -> None:
+        """Add file regions as annotations (with their UUIDs) to an image that has none."""
         from paquo.classes import QuPathPathClass
+        from paquo.pathobjects import QuPathPathAnnotationObject
+
+        hierarchy = image.hierarchy
+        for r in regions:
+            pc = QuPathPathClass(r.class_name) if r.class_name else None
+            ann = QuPathPathAnnotationObject.from_shapely(r.geometry, pc)
+            if r.name:
+                ann.name = r.name
+            if r.id:
+                _set_uuid(ann, r.id)
+            _insert(hierarchy.java_object, ann.java_object)
+        hierarchy.flush(invalidate_proxy_cache=True)
+
+    def write_detections(
+        self,
+        entry_id: str,
+        table: pd.DataFrame,
+        classes: ClassScheme,
+        regions: list[Region] | None = None,
+        *,
+        add_regions: bool = False,
+    ) -> tuple[int, dict[str | None, int]]:
+        """Replace the image's conic-qp detections by ``table``'s, each below the annotation
+        QuPath would make its parent (:func:`conic_qp.composition.parent_regions` over
+        ``regions``; the root when none holds it or the annotation is not in the image).
+
+        ``add_regions``: when the image has no annotations, ``regions`` are added as annotations
+        first. Returns (removed, detections added per parent annotation UUID, None = root).
+        """
+        from paquo.classes import QuPathPathClass
+        from paquo.pathobjects import QuPathPathDetectionObject
+
+        from conic_qp.composition import parent_regions
 
         image = self.image(entry_id)
         if not image.is_readable():
             raise ConicQPError(
                 f"paquo cannot save image {image.image_name}: its URI {image.uri} is not "
-                "reachable from this machine; fix the project's URIs in QuPath or use "
-                "--backend geojson"
+                "reachable from this machine; let annotate fix the project's URIs, fix them in "
+                "QuPath (File > Project > Check project URIs), or use the geojson backend"
             )
+        regions = list(regions or [])
+        hierarchy = image.hierarchy
+        if add_regions and regions and len(hierarchy.annotations) == 0:
+            self._add_regions(image, regions)
+        by_id = {
+            _uuid_of(a): a.java_object for a in hierarchy.annotations if _uuid_of(a) is not None
+        }
+        parent_idx = parent_regions(table, [r.geometry for r in regions])
+        parent_ids = [regions[k].id if k >= 0 else None for k in parent_idx.tolist()]
         names, values = measurements_of(table, classes)
         geoms = shapely.from_wkb(table["polygon_wkb"].to_numpy())
         cnames = table["class_name"].astype(str).tolist()
@@ -164,13 +253,14 @@ class PaquoWriter:
         ids = table["id"].astype(str).tolist()
         for n in set(cnames) - set(self._classes):
             self._classes[n] = QuPathPathClass(n, color=classes.by_name(n).color)
-        hierarchy = image.hierarchy
+        java_h = hierarchy.java_object
+        root = java_h.getRootObject()
+        counts: dict[str | None, int] = {}
         with hierarchy.no_autoflush():
             detections = hierarchy.detections
             previous = [d for d in detections if MARKER in d.measurements]
             if previous:
                 detections -= previous  # PathObjectProxy in-place removal (removeObjects)
-            added = 0
             for j, geom in enumerate(geoms):
                 if geom is None or geom.is_empty:
                     continue
@@ -179,18 +269,21 @@ class PaquoWriter:
                     v = float(values[j, k])
                     if math.isfinite(v):
                         meas[name] = v
-                det = hierarchy.add_detection(
-                    roi=geom,
-                    path_class=self._classes[cnames[j]],
-                    measurements=meas,
+                det = QuPathPathDetectionObject.from_shapely(
+                    geom,
+                    self._classes[cnames[j]],
+                    meas,
                     path_class_probability=float(probs[j]) if probs is not None else math.nan,
                 )
                 _set_uuid(det, ids[j])
-                added += 1
+                pid = parent_ids[j] if parent_ids[j] in by_id else None
+                _add_below(java_h, by_id[pid] if pid is not None else root, det.java_object)
+                counts[pid] = counts.get(pid, 0) + 1
         data_file = Path(str(image.entry_path)) / "data.qpdata"
         backup_file(data_file)
+        _set_brightfield_if_unset(image)
         image.save()  # one save per image
-        return len(previous), added
+        return len(previous), counts
 
     def save_project(self) -> None:
         """Write the project file and class list (images were saved one by one)."""
@@ -202,8 +295,38 @@ class PaquoWriter:
 
 
 def _set_uuid(obj: Any, uid: str) -> None:
-    """Give a detection conic-qp's stable id (QuPath >= 0.4 ``PathObject.setID``)."""
+    """Give an object conic-qp's stable id (QuPath >= 0.4 ``PathObject.setID``)."""
     with contextlib.suppress(Exception):
         from jpype import JClass
 
         obj.java_object.setID(JClass("java.util.UUID").fromString(uid))
+
+
+def _uuid_of(obj: Any) -> str | None:
+    """An object's QuPath UUID (QuPath >= 0.4), None before."""
+    try:
+        return str(obj.java_object.getID().toString())
+    except Exception:
+        return None
+
+
+def _add_below(java_hierarchy: Any, parent: Any, obj: Any) -> None:
+    """``addObjectBelowParent`` (QuPath >= 0.4) or its older name, without an event."""
+    try:
+        java_hierarchy.addObjectBelowParent(parent, obj, False)
+    except AttributeError:
+        java_hierarchy.addPathObjectBelowParent(parent, obj, False)
+
+
+def _insert(java_hierarchy: Any, obj: Any) -> None:
+    """Insert an annotation where QuPath's hierarchy rules put it (nested annotations nest)."""
+    java_hierarchy.insertPathObject(obj, False)
+
+
+def _set_brightfield_if_unset(image: Any) -> None:
+    """Brightfield H&E when QuPath says "Not set" (conic-qp models are H&E models)."""
+    with contextlib.suppress(Exception):
+        from paquo.images import QuPathImageType
+
+        if image.image_type == QuPathImageType.UNSET:
+            image.image_type = QuPathImageType.BRIGHTFIELD_H_E

@@ -30,12 +30,13 @@ import os
 import re
 import shutil
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import unquote, urlparse
 
 from conic_qp.errors import ConicQPError
 from conic_qp.inputs import read_json
@@ -75,6 +76,8 @@ class ProjectImage:
     height: int | None = None
     description: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: the file was found somewhere else than its URI says (moved project, ``--remap``)
+    moved: bool = False
 
     @property
     def ok(self) -> bool:
@@ -309,13 +312,18 @@ def _resolve(
     previous_project_dir: str | None,
     project_dir: Path,
     search: bool,
-) -> tuple[Path | None, str | None]:
+) -> tuple[Path | None, str | None, bool]:
+    """(file, problem, moved): ``moved`` when the file is not where the URI says."""
     if uri is None:
-        return None, "the image entry has no URI (unsupported server type)"
+        return None, "the image entry has no URI (unsupported server type)", False
     path_str = uri_to_path_string(uri)
     if path_str is None:
         scheme = urlparse(uri).scheme
-        return None, f"image is not a local file ({scheme}: URI {uri}); conic-qp reads local files"
+        return (
+            None,
+            f"image is not a local file ({scheme}: URI {uri}); conic-qp reads local files",
+            False,
+        )
     tried: list[Path] = []
     direct = _local(path_str)
     if direct is not None:
@@ -327,10 +335,14 @@ def _resolve(
         if cand.is_file():
             if cand != direct:
                 log.info("image %s found at %s", path_str, cand)
-            return cand, None
+            return cand, None, cand != direct
     hint = "pass --remap OLD_PREFIX=NEW_PREFIX" if not remap else "check the --remap prefixes"
     n_moved = len(tried) - (1 if direct is not None else 0)
-    return None, f"image file {path_str} not found (also tried {n_moved} moved locations); {hint}"
+    return (
+        None,
+        f"image file {path_str} not found (also tried {n_moved} moved locations); {hint}",
+        False,
+    )
 
 
 def read_project(
@@ -392,13 +404,14 @@ def read_project(
         meta = (builder or {}).get("metadata") if isinstance(builder, Mapping) else None
         if not isinstance(meta, Mapping):
             meta = inner.get("metadata") if isinstance(inner.get("metadata"), Mapping) else {}
+        moved = False
         if n_uris > 1:
             resolved = None
             problem: str | None = (
                 f"image is assembled from {n_uris} files ({outer} server); conic-qp needs one file"
             )
         else:
-            resolved, problem = _resolve(
+            resolved, problem, moved = _resolve(
                 uri,
                 remap=remap_map,
                 previous_project_dir=prev_dir,
@@ -431,6 +444,7 @@ def read_project(
                 height=meta.get("height") if meta else None,
                 description=entry.get("description"),
                 metadata={str(k): str(v) for k, v in user_meta.items()},
+                moved=moved,
             )
         )
         if problem:
@@ -461,8 +475,14 @@ def _raw_id(entry: Any) -> str | None:
     return None if raw is None else str(raw)
 
 
-def detections_path(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
-    """Where conic-qp puts an image's detections for ``groovy/import_conic_qp.groovy``."""
+def detections_dir(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
+    """Folder of an image's detections for ``groovy/import_conic_qp.groovy``: ``manifest.json``
+    and chunk files (:func:`conic_qp.sinks.geojson.write_detection_folder`)."""
+    return Path(project_dir) / DETECTIONS_DIR / str(entry_id)
+
+
+def legacy_detections_file(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
+    """The single ``detections/<entryID>.geojson.gz`` of conic-qp before chunked detections."""
     return Path(project_dir) / DETECTIONS_DIR / f"{entry_id}.geojson.gz"
 
 
@@ -528,12 +548,119 @@ def backup_file(path: str | os.PathLike[str]) -> Path | None:
     return dst
 
 
-def _file_uri(p: Path) -> str:
-    """QuPath-style file URI (``file:/abs/path`` with percent-encoding, as Java's File.toURI)."""
-    posix = p.resolve().as_posix()
-    if not posix.startswith("/"):
+#: ASCII characters Java's ``java.net.URI`` leaves unquoted in a path (unreserved, punct, "/@").
+_URI_PATH_SAFE = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-!.~'()*,;:$&+=/@"
+)
+
+
+def _quote_java(path: str, *, ascii_only: bool) -> str:
+    """Quote a path as ``java.net.URI`` does: ``toASCIIString()`` (``ascii_only``) or
+    ``toString()``; ``%`` and every other illegal ASCII character become ``%XX`` (upper case)."""
+    if ascii_only:
+        path = unicodedata.normalize("NFC", path)
+    out: list[str] = []
+    for ch in path:
+        if ch in _URI_PATH_SAFE:
+            out.append(ch)
+        elif ord(ch) < 0x80 or ascii_only or _java_space_or_control(ch):
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")))
+        else:
+            out.append(ch)  # toString() keeps other non-ASCII characters as they are
+    return "".join(out)
+
+
+def _java_space_or_control(ch: str) -> bool:
+    """Java's ``Character.isSpaceChar(c) || Character.isISOControl(c)``."""
+    return unicodedata.category(ch) in ("Zs", "Zl", "Zp") or 0x7F <= ord(ch) <= 0x9F
+
+
+def qupath_file_uri(path: str | os.PathLike[str], *, ascii_only: bool = True) -> str:
+    """The ``file:`` URI QuPath writes for ``path`` (Java's ``File.toURI()``).
+
+    Image URIs in ``project.qpproj`` are ``toASCIIString()`` (``file:/data/x%20y.svs``,
+    ``file:/C:/slides/a.svs``, non-ASCII as UTF-8 ``%XX``, as in the QuPath 0.3-0.7 projects of
+    ``shared/data/qupath/projects``); the project's own ``uri`` is ``toString()``
+    (``ascii_only=False``: non-ASCII letters kept). UNC paths get QuPath's ``file:////host/``.
+    """
+    posix = Path(os.path.abspath(path)).as_posix()
+    if posix.startswith("//"):  # Windows UNC share: Java doubles the authority slashes
+        posix = "//" + posix
+    elif not posix.startswith("/"):  # C:/...
         posix = "/" + posix
-    return "file:" + quote(posix, safe="/:@&=+$,;~!*'()-._")
+    return "file:" + _quote_java(posix, ascii_only=ascii_only)
+
+
+@dataclass(frozen=True)
+class UriFix:
+    """One image URI that :func:`fix_image_uris` rewrote in ``project.qpproj``."""
+
+    entry_id: str
+    name: str
+    old: str
+    new: str
+
+
+def _replace_uris(node: Any, old: str, new: str) -> int:
+    """Replace every ``"uri": old`` below ``node`` (QuPath's own ``updateURIs`` does the same)."""
+    n = 0
+    if isinstance(node, dict):
+        if node.get("uri") == old:
+            node["uri"] = new
+            n += 1
+        for key, value in node.items():
+            if key != "metadata":
+                n += _replace_uris(value, old, new)
+    elif isinstance(node, list):
+        for value in node:
+            n += _replace_uris(value, old, new)
+    return n
+
+
+def fix_image_uris(project: QuPathProject) -> tuple[list[UriFix], Path | None]:
+    """Point the URIs of images found elsewhere (moved project, ``--remap``) at their files.
+
+    Headless QuPath (``QuPath script -p ...``) opens images only at their stored URIs, so a
+    project that moved must say where the files are now. The entry's ``serverBuilder`` URIs are
+    rewritten in the form QuPath writes (:func:`qupath_file_uri`); once every local image is
+    found at its URI, the project's own ``uri`` is set to where the project is, as a QuPath save
+    would (while some image is still missing it keeps the old one, which QuPath's *search
+    relative* needs). ``project.qpproj`` is backed up first and replaced atomically; nothing is
+    written when no image moved. Returns the fixes and the backup.
+    """
+    fixes = [
+        UriFix(im.entry_id, im.name, im.uri, qupath_file_uri(im.path))
+        for im in project.images
+        if im.moved and im.path is not None and im.uri is not None
+    ]
+    fixes = [f for f in fixes if f.old != f.new]
+    if not fixes:
+        return [], None
+    data = read_json(project.path, "QuPath project", "close QuPath and retry", allow_nan=True)
+    by_id = {str(e.get("entryID", e.get("uniqueName"))): e for e in data.get("images", [])}
+    for fix in fixes:
+        entry = by_id.get(fix.entry_id)
+        if entry is None or not _replace_uris(entry.get("serverBuilder"), fix.old, fix.new):
+            raise ConicQPError(
+                f"{project.path} changed while conic-qp was reading it (image {fix.entry_id}); "
+                "close QuPath and retry"
+            )
+    fixed = {f.entry_id for f in fixes}
+    missing = [
+        im
+        for im in project.images
+        if im.uri is not None
+        and uri_to_path_string(im.uri) is not None
+        and not im.ok
+        and im.entry_id not in fixed
+    ]
+    if not missing:
+        data["uri"] = qupath_file_uri(project.path, ascii_only=False)
+    backup = backup_file(project.path)
+    write_json_atomic(project.path, data)
+    for fix in fixes:
+        log.info("image %s (%s): URI %s -> %s", fix.entry_id, fix.name, fix.old, fix.new)
+    return fixes, backup
 
 
 def write_project(
@@ -544,14 +671,36 @@ def write_project(
     version: str = "0.5.1",
     provider: str = BIOFORMATS_PROVIDER,
     overwrite: bool = False,
+    as_if_at: str | None = None,
 ) -> Path:
     """Create a minimal QuPath project listing ``image_paths`` (for examples and tests).
 
     Writes only ``project.qpproj`` with what QuPath's loader requires (``version``,
     ``createTimestamp``, ``modifyTimestamp``, ``uri``, ``lastID``, ``images`` with a ``uri``
     serverBuilder); QuPath reads the image metadata and creates ``data/<id>/`` on first save.
+
+    ``as_if_at`` (an absolute POSIX path) writes every URI as if the project folder were there,
+    for a project shipped in a repository: no path of the machine that wrote it is stored, and
+    because the images keep their place relative to the project's ``uri``, QuPath's *search
+    relative* and :func:`read_project` find them wherever the folder is cloned (``conic-qp
+    annotate`` then writes the real paths with :func:`fix_image_uris`). The images must lie
+    inside ``project_dir`` for that.
     """
     project_dir = Path(project_dir)
+    if as_if_at is not None and not PurePosixPath(as_if_at).is_absolute():
+        raise ValueError(f"as_if_at must be an absolute POSIX path, got {as_if_at!r}")
+
+    def uri_of(path: Path, ascii_only: bool = True) -> str:
+        if as_if_at is None:
+            return qupath_file_uri(path.resolve(), ascii_only=ascii_only)
+        try:
+            rel = path.resolve().relative_to(project_dir.resolve())
+        except ValueError:
+            raise ValueError(f"with as_if_at, {path} must lie inside {project_dir}") from None
+        return "file:" + _quote_java(
+            str(PurePosixPath(as_if_at) / rel.as_posix()), ascii_only=ascii_only
+        )
+
     file = project_dir / PROJECT_FILE
     if file.exists() and not overwrite:
         raise ConicQPError(f"{file} already exists; pass overwrite=True or use another folder")
@@ -570,7 +719,7 @@ def write_project(
                 "serverBuilder": {
                     "builderType": "uri",
                     "providerClassName": provider,
-                    "uri": _file_uri(img),
+                    "uri": uri_of(img),
                     "args": args,
                 },
                 "entryID": i,
@@ -583,7 +732,7 @@ def write_project(
         "version": version,
         "createTimestamp": now,
         "modifyTimestamp": now,
-        "uri": _file_uri(file),
+        "uri": uri_of(file, ascii_only=False),
         "lastID": len(images),
         "images": images,
     }

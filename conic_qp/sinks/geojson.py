@@ -20,13 +20,19 @@ remove the previous conic-qp detections before adding new ones (idempotent re-ru
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip as gzip_mod
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -468,3 +474,289 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     if skipped:
         log.info("%s: skipped non-region features %s", path, skipped)
     return regions
+
+
+# ------------------------------------------------------------------------------ annotations
+
+
+def _is_uuid(value: object) -> bool:
+    try:
+        return str(uuid.UUID(str(value))) == str(value).lower()
+    except ValueError:
+        return False
+
+
+def region_color(region: Region, palette: Mapping[str, Sequence[int]] | None = None) -> list[int]:
+    """RGB of a region's classification: its own colour, else ``palette[class]``, else a colour
+    derived from the class name (stable, like QuPath's for a class it has never seen)."""
+    cls = region.properties.get("classification") if region.properties else None
+    if isinstance(cls, Mapping):
+        rgb = cls.get("color")
+        if isinstance(rgb, list | tuple) and len(rgb) >= 3:
+            return [int(v) & 0xFF for v in rgb[:3]]
+    name = region.class_name or region.name or "region"
+    if palette is not None and name in palette:
+        return [int(v) & 0xFF for v in palette[name]][:3]
+    digest = hashlib.sha1(name.encode("utf-8")).digest()
+    return [64 + digest[0] % 160, 64 + digest[1] % 160, 64 + digest[2] % 160]
+
+
+def with_uuid_ids(regions: Sequence[Region], salt: str) -> list[Region]:
+    """The regions with a UUID ``id`` each (QuPath replaces any other id by a random one): kept
+    when it is one, else uuid5 of ``salt`` and the outline, so re-runs give the same ids."""
+    out = []
+    for i, r in enumerate(regions):
+        if r.id is not None and _is_uuid(r.id):
+            out.append(r)
+            continue
+        key = f"conic-qp/{salt}/{i}/{hashlib.sha1(shapely.to_wkb(r.geometry)).hexdigest()}"
+        out.append(dataclasses.replace(r, id=str(uuid.uuid5(uuid.NAMESPACE_URL, key))))
+    return out
+
+
+def write_annotations(
+    regions: Sequence[Region],
+    path: str | os.PathLike[str],
+    *,
+    palette: Mapping[str, Sequence[int]] | None = None,
+) -> Path:
+    """Write regions as QuPath annotations (a FeatureCollection QuPath 0.4-0.7 reads whole).
+
+    Every feature gets a UUID ``id`` (kept when the region has one), ``objectType``
+    ``"annotation"``, its ``name`` and, when classified, ``classification`` WITH a colour
+    (:func:`region_color`): QuPath rejects the whole file for one classification without.
+    Coordinates are level-0 px with 2 decimals. Written atomically.
+    """
+    features = []
+    for r in with_uuid_ids(regions, str(path)):
+        geom = _polygon_json(r.geometry)
+        if geom is None:
+            continue
+        props: dict[str, Any] = {"objectType": "annotation"}
+        if r.name:
+            props["name"] = r.name
+        if r.class_name:
+            props["classification"] = {"name": r.class_name, "color": region_color(r, palette)}
+        features.append(
+            f'{{"type":"Feature","id":"{r.id}","geometry":{geom},'
+            f'"properties":{json.dumps(props, ensure_ascii=False, separators=(",", ":"))}}}'
+        )
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write('{"type":"FeatureCollection","features":[\n')
+        fh.write(",\n".join(features))
+        fh.write("\n]}\n")
+    return Path(path)
+
+
+# ------------------------------------------------------------------------- detection folders
+
+#: Most features per detection file: QuPath parses a GeoJSON file whole, so the heap a chunk
+#: needs while it is read stays bounded (about 1 GB per 100k detections, see docs/qupath.md).
+DETECTIONS_PER_FILE = 100_000
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "conic-qp detections"
+MANIFEST_VERSION = 2
+REGIONS_FILE = "regions.geojson"
+_MAX_OPEN_FILES = 64
+
+TableSource = pd.DataFrame | Callable[[], Iterable[pd.DataFrame]]
+
+
+@dataclass(frozen=True)
+class DetectionFolder:
+    """What :func:`write_detection_folder` wrote."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def n_objects(self) -> int:
+        return int(self.manifest["n_objects"])
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.folder / f["file"] for f in self.manifest["files"]]
+
+    def counts_by_parent(self) -> dict[str | None, int]:
+        """Detections written under each parent annotation id (None: the image root)."""
+        out: dict[str | None, int] = {}
+        for f in self.manifest["files"]:
+            out[f["parent"]] = out.get(f["parent"], 0) + int(f["count"])
+        return out
+
+
+class _ChunkWriter:
+    """The gzip GeoJSON files of one parent, a new file every ``limit`` features."""
+
+    def __init__(self, folder: Path, parent: str | None, limit: int, files: list[dict]) -> None:
+        self.folder, self.parent, self.limit, self.files = folder, parent, limit, files
+        self.fh: gzip_mod.GzipFile | None = None
+        self.raw: IO[bytes] | None = None
+        self.entry: dict[str, Any] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.fh is not None
+
+    def _open(self) -> None:
+        name = f"{len(self.files):04d}.geojson.gz"
+        self.entry = {"file": name, "parent": self.parent, "count": 0}
+        self.files.append(self.entry)
+        self.raw = open(self.folder / name, "wb")
+        self.fh = gzip_mod.GzipFile(fileobj=self.raw, mode="wb", compresslevel=6, mtime=0)
+        self.fh.write(b'{"type":"FeatureCollection","features":[\n')
+
+    def write(self, feats: list[str]) -> None:
+        i = 0
+        while i < len(feats):
+            if self.fh is None or self.entry is None or self.entry["count"] >= self.limit:
+                self.close()
+                self._open()
+            assert self.fh is not None and self.entry is not None
+            take = feats[i : i + self.limit - self.entry["count"]]
+            sep = b",\n" if self.entry["count"] else b""
+            self.fh.write(sep + ",\n".join(take).encode())
+            self.entry["count"] += len(take)
+            i += len(take)
+
+    def close(self) -> None:
+        if self.fh is not None and self.raw is not None:
+            self.fh.write(b"\n]}\n")
+            self.fh.close()
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+            self.raw.close()
+        self.fh = self.raw = None
+
+
+def write_detection_folder(
+    table: TableSource,
+    folder: str | os.PathLike[str],
+    classes: ClassScheme,
+    *,
+    regions: Sequence[Region] = (),
+    add_regions: bool = False,
+    palette: Mapping[str, Sequence[int]] | None = None,
+    object_type: ObjectType = "detection",
+    cell_expansion: float = 0.0,
+    per_file: int = DETECTIONS_PER_FILE,
+    info: Mapping[str, Any] | None = None,
+) -> DetectionFolder:
+    """Write one image's detections for ``groovy/import_conic_qp.groovy``, grouped by parent.
+
+    Each nucleus goes to the annotation QuPath would make its parent
+    (:func:`conic_qp.composition.parent_regions`: smallest annotation covering its centroid);
+    the files of one parent hold at most ``per_file`` features, so QuPath never has to parse a
+    huge file at once. ``manifest.json`` lists every file with its parent's UUID (``null`` =
+    the image root) and count, and the ``regions`` known (UUID, name, class, area) so the script
+    can check that the image's annotations are still those. ``add_regions`` also writes them as
+    ``regions.geojson``, which the script adds to an image that has no annotations.
+
+    Parameters
+    ----------
+    table : the nucleus table, or a callable returning a fresh iterable of its row batches
+        (read twice: parents first, then features; memory stays bounded for millions of rows).
+    regions : annotations in level-0 px; ids that are not UUIDs are replaced (:func:`with_uuid_ids`).
+
+    The folder is built beside ``folder`` and swapped in whole (:func:`conic_qp.sinks.replace_dir`),
+    so the script sees the old set of files or the new one, never a mix.
+    """
+    from conic_qp.composition import parent_regions
+    from conic_qp.sinks import replace_dir
+
+    if per_file < 1:
+        raise ValueError(f"per_file must be >= 1, got {per_file}")
+    folder = Path(folder)
+    salt = str((info or {}).get("entry_id", folder.name))
+    known = with_uuid_ids([r for r in regions if not r.geometry.is_empty], salt)
+    geoms = [r.geometry for r in known]
+
+    def batches() -> Iterator[pd.DataFrame]:
+        if isinstance(table, pd.DataFrame):
+            for lo in range(0, max(len(table), 1), 50_000):
+                yield table.iloc[lo : lo + 50_000]
+        else:
+            yield from table()
+
+    parents = [parent_regions(b, geoms) for b in batches()]  # pass 1: int per row
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    files: list[dict[str, Any]] = []
+    writers: dict[int, _ChunkWriter] = {}
+    recent: list[int] = []
+    n = 0
+    try:
+        for batch, parent in zip(batches(), parents, strict=True):  # pass 2: features
+            if len(batch) == 0:
+                continue
+            for p in dict.fromkeys(parent.tolist()):
+                rows = batch.iloc[np.flatnonzero(parent == p)]
+                feats = list(
+                    iter_features(
+                        rows, classes, object_type=object_type, cell_expansion=cell_expansion
+                    )
+                )
+                if not feats:
+                    continue
+                w = writers.get(p)
+                if w is None:
+                    w = writers[p] = _ChunkWriter(
+                        tmp, known[p].id if p >= 0 else None, per_file, files
+                    )
+                if not w.is_open and sum(x.is_open for x in writers.values()) >= _MAX_OPEN_FILES:
+                    writers[next(q for q in recent if writers[q].is_open)].close()
+                w.write(feats)
+                n += len(feats)
+                if p in recent:
+                    recent.remove(p)
+                recent.append(p)
+        for w in writers.values():
+            w.close()
+        if add_regions and known:
+            write_annotations(known, tmp / REGIONS_FILE, palette=palette)
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            **dict(info or {}),
+            "object_type": object_type,
+            "n_objects": n,
+            "regions_file": REGIONS_FILE if add_regions and known else None,
+            "annotations": [
+                {
+                    "id": r.id,
+                    "name": r.name,
+                    "class": r.class_name,
+                    "area": round(float(r.geometry.area), 3),
+                }
+                for r in known
+            ],
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1, ensure_ascii=False)
+            fh.write("\n")
+        os.chmod(tmp, 0o777 & ~_umask())
+        replace_dir(tmp, folder)
+    except BaseException:
+        for w in writers.values():
+            with contextlib.suppress(Exception):
+                w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d %ss in %d files to %s", n, object_type, len(files), folder)
+    return DetectionFolder(folder, manifest)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_detection_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``manifest.json`` of a detection folder (raises ConicQPError when unreadable)."""
+    path = Path(folder) / MANIFEST
+    data = _load_json(path)
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ConicQPError(f"{path} is not a conic-qp detection manifest; run annotate again")
+    return data

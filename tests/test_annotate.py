@@ -502,3 +502,23 @@ def _direct(manifest: dict) -> dict[str, int]:
         key = e["parent"] or "root"
         out[key] = out.get(key, 0) + e["count"]
     return out
+
+
+def test_cli_reports_fixed_uris_and_respects_no_fix_uris(tmp_path: Path, tiny_ckpt: Path) -> None:
+    make_project(tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    project = tmp_path / "b" / "proj" / "project.qpproj"
+    common = ["--model", str(tiny_ckpt), "--tta", "1", "--workers", "0", "--device", "cpu",
+              "--backend", "geojson", "--images", "2", "--detections-per-file", "5"]  # fmt: skip
+    before = project.read_bytes()
+    code, out = cli("annotate", str(project), *common, "--no-fix-uris")
+    assert code == 0, out
+    assert project.read_bytes() == before and "will not find 2 image(s)" in out
+    code, out = cli("annotate", str(project), *common)
+    assert code == 0, out
+    assert "updated the image paths of 2 image(s)" in out and "project.qpproj.bak" in out
+    assert str(tmp_path / "b" / "slides" / "slide2.tif") in out.replace("\n", "")
+    m = json.loads((project.parent / "detections" / "2" / "manifest.json").read_text())
+    assert all(e["count"] <= 5 for e in m["files"])
+    code, out = cli("annotate", str(project), *common[:-2], "--detections-per-file", "0")
+    assert code == 2

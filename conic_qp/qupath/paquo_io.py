@@ -168,7 +168,8 @@ class PaquoWriter:
                 parent = QuPathPathClass(base)
             out.append(QuPathPathClass(name, color=color, parent=parent))
         for c in scheme:
-            self._classes[c.name] = QuPathPathClass(c.name, color=tuple(int(v) for v in c.color))
+            r, g, b = (int(v) for v in c.color)
+            self._classes[c.name] = QuPathPathClass(c.name, color=(r, g, b))
         if added or len(out) != len(current):
             self.project.path_classes = out
         return added

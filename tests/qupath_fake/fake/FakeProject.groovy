@@ -1,0 +1,8 @@
+package fake
+
+import java.nio.file.Path
+
+class FakeProject {
+    Path path
+    Path getPath() { path }
+}

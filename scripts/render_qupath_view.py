@@ -3,7 +3,8 @@
 Used for docs/img/cmu1-qupath-view.png::
 
     conic-qp annotate examples/CMU-1/project.qpproj --tta 4
-    python scripts/render_qupath_view.py examples/CMU-1 docs/img/cmu1-qupath-view.png
+    python scripts/render_qupath_view.py examples/CMU-1 docs/img/cmu1-qupath-view.png \
+        --box 760,1300,640,560 --width 800
 
 Everything drawn comes from the files the Groovy import reads (``detections/<entryID>/``: the
 manifest, ``regions.geojson`` and the detection files), placed as the import places them: each
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--entry", default=None, help="entry id (default: the first image)")
     ap.add_argument("--width", type=int, default=900, help="width of the image part in px")
+    ap.add_argument("--box", default=None, help="x,y,w,h in level-0 px (default: the regions)")
     args = ap.parse_args()
     qp = read_project(args.project)
     image = qp.image(args.entry) if args.entry else qp.images[0]
@@ -76,8 +78,11 @@ def main() -> None:
     )  # fmt: skip
     comp_total = comp.groupby("region_id")["count"].sum().to_dict()
 
-    union = shapely.union_all(list(geoms.values()))
-    x0, y0, x1, y1 = union.buffer(60).bounds
+    if args.box:
+        bx, by, bw, bh = (float(v) for v in args.box.split(","))
+        x0, y0, x1, y1 = bx, by, bx + bw, by + bh
+    else:
+        x0, y0, x1, y1 = shapely.union_all(list(geoms.values())).buffer(60).bounds
     x0, y0 = max(0, x0), max(0, y0)
     scale = args.width / (x1 - x0)
     with open_slide(image.path) as slide:
@@ -87,17 +92,24 @@ def main() -> None:
         crop = slide.read((x0, y0, x1 - x0, y1 - y0), slide.mpp / scale, size=(w, h))
     view = Image.fromarray(np.ascontiguousarray(crop)).convert("RGB")
     draw = ImageDraw.Draw(view)
+    line = max(1, round(scale))
     for ring, colour in outlines:
-        draw.line([((x - x0) * scale, (y - y0) * scale) for x, y in ring], fill=colour, width=1)
-    font = ImageFont.load_default()
+        draw.line([((x - x0) * scale, (y - y0) * scale) for x, y in ring], fill=colour, width=line)
+    font = ImageFont.load_default(size=15)
+    box = shapely.box(x0, y0, x1, y1)
     for r in regions:
         colour = tuple(r.properties.get("classification", {}).get("color", (255, 255, 0)))
         for poly in getattr(r.geometry, "geoms", [r.geometry]):
             pts = [((x - x0) * scale, (y - y0) * scale) for x, y in poly.exterior.coords]
-            draw.line(pts, fill=colour, width=3)
-        cx, cy = r.geometry.representative_point().coords[0]
+            draw.line(pts, fill=colour, width=4)
+        visible = r.geometry.intersection(box)
+        if visible.is_empty:
+            continue
+        cx, cy = visible.representative_point().coords[0]
         label = f"{r.name or r.class_name} ({sum(counts[r.id].values())})"
-        draw.text(((cx - x0) * scale - 30, (cy - y0) * scale), label, fill=(0, 0, 0), font=font)
+        at = ((cx - x0) * scale - 40, (cy - y0) * scale)
+        draw.rectangle(draw.textbbox(at, label, font=font), fill=(255, 255, 255))
+        draw.text(at, label, fill=colour, font=font)
 
     # QuPath's "Annotations" measurement table, next to composition
     names = sorted(classes)
@@ -108,28 +120,27 @@ def main() -> None:
         for r in regions
     ]  # fmt: skip
     rows.append(["(image root)", "", str(sum(counts[None].values())), *["" for _ in names], ""])
-    cw = [max(len(c), *(len(r[i]) for r in rows)) * 7 + 14 for i, c in enumerate(cols)]
+    cw = [max(len(c), *(len(r[i]) for r in rows)) * 8 + 16 for i, c in enumerate(cols)]
     panel_w = sum(cw) + 20
     out = Image.new("RGB", (w + panel_w, max(h, 60 + 22 * (len(rows) + 2 + len(names)))), "white")
     out.paste(view, (0, 0))
     d = ImageDraw.Draw(out)
     px, py = w + 10, 10
-    d.text(
-        (px, py), f"{image.name}: annotation measurements (as QuPath lists them)", fill=(0, 0, 0)
-    )
-    py += 24
+    title = f"{image.name}: annotation measurements (as QuPath lists them)"
+    d.text((px, py), title, fill=(0, 0, 0), font=font)
+    py += 28
     for row_i, row in enumerate([cols, *rows]):
         x = px
         for i, cell in enumerate(row):
             d.text((x, py), cell, fill=(0, 0, 0) if row_i else (60, 60, 160), font=font)
             x += cw[i]
-        py += 20
+        py += 22
     py += 10
     for n in names:
         d.rectangle((px, py + 2, px + 12, py + 14), fill=classes[n])
         d.text((px + 18, py), n, fill=(0, 0, 0), font=font)
-        py += 20
-    out.save(args.out)
+        py += 22
+    out.save(args.out, optimize=True)
     print(f"{args.out}: {len(outlines)} nuclei, {len(regions)} annotations")
     for r, row in zip(regions, rows, strict=False):
         print(f"  {r.name}: QuPath {row[2]} detections, composition {row[-1]}")

@@ -54,6 +54,7 @@ from conic_qp.sinks.geojson import (
     MEASUREMENT_NAMES,
     Region,
     probability_measurement,
+    region_color,
 )
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,12 @@ class PaquoWriter:
 
         hierarchy = image.hierarchy
         for r in regions:
-            pc = QuPathPathClass(r.class_name) if r.class_name else None
+            rgb = region_color(r)
+            pc = (
+                QuPathPathClass(r.class_name, color=(rgb[0], rgb[1], rgb[2]))
+                if r.class_name
+                else None
+            )
             ann = QuPathPathAnnotationObject.from_shapely(r.geometry, pc)
             if r.name:
                 ann.name = r.name

@@ -64,7 +64,7 @@ from conic_qp.qupath.project import (
     read_project,
     regions_path,
 )
-from conic_qp.sinks import atomic_path, write_json_atomic
+from conic_qp.sinks import atomic_path, remove_inside, write_json_atomic
 from conic_qp.sinks.geojson import (
     DETECTIONS_PER_FILE,
     Region,
@@ -561,10 +561,10 @@ def _annotate_image(
             object_type=settings.object_type,
             per_file=opts.per_file,
             info={"entry_id": image.entry_id, "image_name": image.name},
+            root=qp.dir,
         )
-        legacy = legacy_detections_file(qp.dir, image.entry_id)
-        if legacy.exists():
-            legacy.unlink()  # the single-file layout of earlier versions: the script ignores it
+        # the single-file layout of earlier versions: the import script ignores it
+        remove_inside(qp.dir, legacy_detections_file(qp.dir, image.entry_id))
         outcome.outputs["detections"] = folder.folder
         counts = folder.counts_by_parent()
     else:

@@ -641,6 +641,7 @@ def write_detection_folder(
     cell_expansion: float = 0.0,
     per_file: int = DETECTIONS_PER_FILE,
     info: Mapping[str, Any] | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> DetectionFolder:
     """Write one image's detections for ``groovy/import_conic_qp.groovy``, grouped by parent.
 
@@ -659,14 +660,16 @@ def write_detection_folder(
     regions : annotations in level-0 px; ids that are not UUIDs are replaced (:func:`with_uuid_ids`).
 
     The folder is built beside ``folder`` and swapped in whole (:func:`conic_qp.sinks.replace_dir`),
-    so the script sees the old set of files or the new one, never a mix.
+    so the script sees the old set of files or the new one, never a mix. ``root``: ``folder``
+    must lie inside it (:func:`conic_qp.paths.ensure_inside`).
     """
     from conic_qp.composition import parent_regions
+    from conic_qp.paths import ensure_inside, temp_prefix
     from conic_qp.sinks import replace_dir
 
     if per_file < 1:
         raise ValueError(f"per_file must be >= 1, got {per_file}")
-    folder = Path(folder)
+    folder = Path(folder) if root is None else ensure_inside(root, folder)
     salt = str((info or {}).get("entry_id", folder.name))
     known = with_uuid_ids([r for r in regions if not r.geometry.is_empty], salt)
     geoms = [r.geometry for r in known]
@@ -680,7 +683,7 @@ def write_detection_folder(
 
     parents = [parent_regions(b, geoms) for b in batches()]  # pass 1: int per row
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_prefix(folder), suffix=".tmp"))
     files: list[dict[str, Any]] = []
     writers: dict[int, _ChunkWriter] = {}
     recent: list[int] = []

@@ -143,6 +143,18 @@ def test_annotate_writes_detections_classes_script_and_tables(project: Path) -> 
     # image 1 ran inside its annotation, image 2 on the tissue
     assert res.images[0].region_source.endswith("regions/1.geojson")
     assert res.images[1].region_source == "tissue"
+    # the regions the run used, recorded as QuPath annotations (id kept, class with its colour)
+    (used,) = features(pdir / "conic-qp" / "1.regions.geojson")
+    exported = json.loads((pdir / "regions" / "1.geojson").read_text())["features"][0]
+    assert used["id"] == exported["id"] and used["properties"]["objectType"] == "annotation"
+    assert used["properties"]["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
+    m1 = json.loads((pdir / "detections" / "1" / "manifest.json").read_text())
+    assert [a["id"] for a in m1["annotations"]] == [exported["id"]]
+    assert {e["parent"] for e in m1["files"]} == {exported["id"]}  # all inside the annotation
+    assert res.images[0].parent_counts == {"ROI 1": len(one)}
+    m2 = json.loads((pdir / "detections" / "2" / "manifest.json").read_text())
+    assert m2["annotations"] == [] and m2["regions_file"] is None
+    assert {e["parent"] for e in m2["files"]} == {None}  # no annotations: at the root
     t1 = read_table(pdir / "conic-qp" / "1.nuclei.parquet")
     assert len(t1) == len(one)
     assert shapely.covers(REGION, shapely.points(t1["centroid_x"], t1["centroid_y"])).all()
@@ -490,18 +502,11 @@ def test_detections_under_their_annotations_give_compositions_counts(project: Pa
     comp = tidy.groupby("region")["count"].sum().to_dict()
     assert {names[k]: below[k] for k in regions} == comp
     assert all(comp.values()) and comp["outer"] > comp["inner"]
-    assert res.images[0].parent_counts == {
-        **{names[k]: n for k, n in json.loads(json.dumps(_direct(m))).items() if k != "root"},
-        "root": below[None],
-    }
-
-
-def _direct(manifest: dict) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in manifest["files"]:
-        key = e["parent"] or "root"
-        out[key] = out.get(key, 0) + e["count"]
-    return out
+    direct: dict[str, int] = {}
+    for e in m["files"]:
+        key = names[e["parent"]] if e["parent"] else "root"
+        direct[key] = direct.get(key, 0) + e["count"]
+    assert res.images[0].parent_counts == direct and direct["root"] == below[None]
 
 
 def test_cli_reports_fixed_uris_and_respects_no_fix_uris(tmp_path: Path, tiny_ckpt: Path) -> None:

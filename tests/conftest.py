@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CONIC_QP_SHARED_DATA", REPO.parent / "shared" / "data"))
+#: The live OMERO tests run when these are set (see docs/omero.md, "Testing").
+OMERO_TEST_ENV = ("OMERO_TEST_HOST", "OMERO_TEST_USER", "OMERO_TEST_PASSWORD")
 
 
 def _has_gpu() -> bool:
@@ -30,17 +33,39 @@ def _has_qupath() -> bool:
     return paquo_available()
 
 
+def _has_omero_py() -> bool:
+    """omero-py and its Ice runtime import (the `omero` extra is installed); no server needed."""
+    if importlib.util.find_spec("omero") is None or importlib.util.find_spec("Ice") is None:
+        return False
+    try:
+        import Ice  # noqa: F401
+        import omero.clients  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _has_omero_server() -> bool:
+    return _has_omero_py() and all(os.environ.get(k) for k in OMERO_TEST_ENV)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skips = {
         "shared_data": (SHARED_DATA.is_dir(), f"needs real data at {SHARED_DATA}"),
         "gpu": (None, "needs a CUDA GPU"),
         "qupath": (None, "needs QuPath + paquo"),
-        "omero": (
-            bool(os.environ.get("OMERO_TEST_HOST")),
-            "needs an OMERO server (OMERO_TEST_HOST)",
+        "omero": (None, "needs omero-py + zeroc-ice (pip install '.[omero]', see docs/omero.md)"),
+        "omero_live": (
+            None,
+            "needs an OMERO server: set " + ", ".join(OMERO_TEST_ENV) + " (see docs/omero.md)",
         ),
     }
-    checks = {"gpu": _has_gpu, "qupath": _has_qupath}
+    checks = {
+        "gpu": _has_gpu,
+        "qupath": _has_qupath,
+        "omero": _has_omero_py,
+        "omero_live": _has_omero_server,
+    }
     for item in items:
         for name, (available, reason) in skips.items():
             if item.get_closest_marker(name) is None:  # a marker, not any keyword (folder names)

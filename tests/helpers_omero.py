@@ -22,15 +22,15 @@ connection forcibly, so the client sees a real ``Ice.ConnectionLostException``.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import Ice
 import numpy as np
-
-import Ice  # noqa: I001 - omero-py needs Ice first
 import omero
 import omero.api
 import omero.clients
@@ -39,10 +39,10 @@ import omero.gateway
 import omero.grid
 import omero.hdfstorageV2
 import omero.model
+import omero.ObjectFactoryRegistrar as ofr
 import omero.tables
 import omero.util
 import omero.util.concurrency
-import omero.ObjectFactoryRegistrar as ofr
 from omero.rtypes import rint, rlong, rstring, unwrap
 
 
@@ -51,6 +51,7 @@ def _communicator(server: bool) -> Any:
     props.setProperty("Ice.Default.CollocationOptimized", "0")
     props.setProperty("Ice.RetryIntervals", "-1")  # a dropped call fails, as it would in a job
     props.setProperty("Ice.Warn.Connections", "0")
+    props.setProperty("Ice.Warn.Dispatch", "0")  # the drop fake answers closed connections
     data = Ice.InitializationData()
     data.properties = props
     ic = Ice.initialize(data)
@@ -61,6 +62,51 @@ def _communicator(server: bool) -> Any:
         for of in omero.columns.ObjectFactories.values():
             of.register(ic)
     return ic
+
+
+class Dropped(Exception):
+    """Raised by a servant after it closed the caller's connection."""
+
+
+def amd(cls: type) -> type:
+    """OMERO's service operations are AMD (``op_async(_cb, ..., current)``): route each to the
+    plain method of the fake and answer through the callback."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not callable(fn) or not hasattr(cls, f"{name}_async"):
+            continue
+
+        def make(f: Callable[..., Any]) -> Callable[..., None]:
+            def op_async(self: Any, _cb: Any, *args: Any) -> None:
+                *params, current = args
+                try:
+                    result = f(self, *params, current)
+                except Dropped:  # finish the dispatch; the reply has no connection to go to
+                    _cb.ice_exception(Ice.ConnectionLostException())
+                    return
+                except Exception as exc:
+                    _cb.ice_exception(exc)
+                    return
+                if result is None:
+                    _cb.ice_response()
+                else:
+                    _cb.ice_response(result)
+
+            return op_async
+
+        setattr(cls, f"{name}_async", make(fn))
+    # every other operation fails at once instead of leaving the caller waiting for a reply
+    for base in cls.__mro__[1:]:
+        for attr in vars(base):
+            if attr.endswith("_async") and attr not in vars(cls):
+                setattr(cls, attr, _not_implemented(attr[: -len("_async")]))
+    return cls
+
+
+def _not_implemented(op: str) -> Callable[..., None]:
+    def op_async(self: Any, _cb: Any, *args: Any) -> None:
+        _cb.ice_exception(omero.ApiUsageException(None, None, f"the fake does not implement {op}"))
+
+    return op_async
 
 
 @dataclass
@@ -97,9 +143,10 @@ class FakeDB:
                 return
             del self.drop[op]
         current.con.close(True)
-        raise Ice.ConnectionLostException()
+        raise Dropped(op)
 
 
+@amd
 class FakeRawPixelsStore(omero.api.RawPixelsStore):
     """A pyramid: ``levels[0]`` full size; OMERO numbers it ``len(levels) - 1``."""
 
@@ -151,6 +198,7 @@ class FakeRawPixelsStore(omero.api.RawPixelsStore):
         self.db.calls.append("rps.close")
 
 
+@amd
 class FakeUpdate(omero.api.IUpdate):
     def __init__(self, db: FakeDB) -> None:
         self.db = db
@@ -189,6 +237,7 @@ class FakeUpdate(omero.api.IUpdate):
                 self.db.links.setdefault(image_id, set()).add(ann_id)
 
 
+@amd
 class FakeRawFileStore(omero.api.RawFileStore):
     def __init__(self, db: FakeDB) -> None:
         self.db = db
@@ -234,7 +283,9 @@ class FakeShared(omero.grid.SharedResources):
     def __init__(self, db: FakeDB, server_ic: Any, folder: str) -> None:
         self.db = db
         self.folder = folder
-        self.ctx = omero.util.ServerContext("fake", server_ic, omero.util.concurrency.get_event("t"))
+        self.ctx = omero.util.ServerContext(
+            "fake", server_ic, omero.util.concurrency.get_event("t")
+        )
         self.hdf = omero.hdfstorageV2.HdfList()
         self.servants: list[Any] = []
 
@@ -265,11 +316,28 @@ class FakeShared(omero.grid.SharedResources):
         return self._table(int(unwrap(file.getId())), current)
 
 
+@amd
 class FakeQuery(omero.api.IQuery):
-    """Answers conic-qp's one HQL query: ids of an image's ROIs with a given name."""
+    """Answers the two HQL queries made: conic-qp's ids of an image's ROIs with a given name,
+    and omero-py's ``ImageWrapper._loadAnnotationLinks`` (links with annotations and files)."""
 
     def __init__(self, db: FakeDB) -> None:
         self.db = db
+
+    def findAllByQuery(self, query: str, params: Any, current: Any = None) -> list[Any]:
+        m = re.search(r"from ImageAnnotationLink as l .* where l.parent.id=(\d+)", query)
+        assert m is not None and "left outer join fetch a.file" in query, query
+        iid = int(m.group(1))
+        links = []
+        for aid in sorted(self.db.links.get(iid, set())):
+            ann = self.db.annotations[aid]
+            if isinstance(ann, omero.model.FileAnnotationI) and ann.getFile() is not None:
+                ann.setFile(self.db.files.get(unwrap(ann.getFile().getId()), ann.getFile()))
+            link = omero.model.ImageAnnotationLinkI(self.db.new_id(), True)
+            link.setParent(omero.model.ImageI(iid, False))
+            link.setChild(ann)
+            links.append(link)
+        return links
 
     def projection(self, query: str, params: Any, current: Any = None) -> list[Any]:
         assert "from Roi r where r.image.id = :iid and r.name = :name" in query, query
@@ -281,6 +349,7 @@ class FakeQuery(omero.api.IQuery):
         ]
 
 
+@amd
 class FakeRoiService(omero.api.IRoi):
     def __init__(self, db: FakeDB, extra: dict[int, list[Any]] | None = None) -> None:
         self.db = db
@@ -388,20 +457,10 @@ def make_image(
 
 
 class FakeImageWrapper(omero.gateway.ImageWrapper):
-    """An ImageWrapper whose annotation listing reads the fake server's links."""
-
-    can_annotate = True
+    """omero-py's ImageWrapper; only the permission check is the fake's (no server to ask)."""
 
     def canAnnotate(self) -> bool:
-        return self.can_annotate
-
-    def listAnnotations(self, ns: str | None = None) -> Any:
-        db: FakeDB = self._conn.server.db
-        for aid in sorted(db.links.get(self.getId(), set())):
-            ann = db.annotations.get(aid)
-            if ann is None or (ns is not None and unwrap(ann.getNs()) != ns):
-                continue
-            yield omero.gateway.AnnotationWrapper._wrap(self._conn, ann)
+        return True
 
 
 class LoopbackConn:
@@ -428,7 +487,10 @@ class LoopbackConn:
     def getObject(self, kind: str, oid: int) -> Any:
         assert kind == "Image"
         obj = self.images.get(int(oid))
-        return None if obj is None else FakeImageWrapper(self, obj)
+        if obj is None:
+            return None
+        obj.unloadAnnotationLinks()  # a server sends a fresh object each time
+        return FakeImageWrapper(self, obj)
 
     def createRawPixelsStore(self) -> Any:
         # the servant of the image whose pixels are asked for is registered under its pixels id

@@ -69,7 +69,13 @@ def test_parse_ref_forms(text: str, kind: str, oid: int, host: str, port: int | 
 
 def test_parse_ref_bare_ids_and_errors() -> None:
     assert parse_ref("17", default_kind="dataset") == OmeroRef("dataset", 17)
-    for bad in ("17", "omero://h/well/3", "https://h/webclient/", "slide.svs", "omero://h:x/image/1"):
+    for bad in (
+        "17",
+        "omero://h/well/3",
+        "https://h/webclient/",
+        "slide.svs",
+        "omero://h:x/image/1",
+    ):
         with pytest.raises(ConicQPError):
             parse_ref(bad)
     assert OmeroRef("image", 5, "h", 4064).uri == "omero://h:4064/image/5"
@@ -180,6 +186,8 @@ def test_table_spec_string_sizes_are_utf8_bytes() -> None:
     assert utf8_size(["a", "µµ", ""]) == 4 and utf8_size([]) == 1
     for c in classes.names:
         assert spec[prob_column(c)].kind == "double"
+    # OMERO.tables stores descriptions in a PyTables str array, which refuses non-ASCII
+    assert all(s.description.isascii() for s in spec.values())
     assert "Roi" not in {s.name for s in table_spec(df, classes, with_roi=False)}
     with pytest.raises(ConicQPError):
         table_spec(df.drop(columns=["area_um2"]), classes, with_roi=False)
@@ -208,7 +216,9 @@ def test_polygon_points_string() -> None:
     assert polygon_points(square) == "0.00,0.00 10.50,0.00 10.50,4.00 0.00,4.00"
     multi = shapely.MultiPolygon([square, shapely.box(20, 20, 21, 21)])
     assert polygon_points(multi).count(" ") == 3  # the larger part
-    np.testing.assert_allclose(parse_points(polygon_points(square)), np.asarray(square.exterior.coords)[:-1])
+    np.testing.assert_allclose(
+        parse_points(polygon_points(square)), np.asarray(square.exterior.coords)[:-1]
+    )
     with pytest.raises(ValueError):
         polygon_points(shapely.Point(0, 0))
 
@@ -245,7 +255,13 @@ def test_write_options_parse() -> None:
     o = WriteOptions.parse("table,attachment,map")
     assert (o.table, o.attachment, o.map, o.max_rois, o.replace) == (True, True, True, 0, True)
     o = WriteOptions.parse("table,rois", max_rois=2000, replace=False)
-    assert (o.table, o.attachment, o.map, o.max_rois, o.replace) == (True, False, False, 2000, False)
+    assert (o.table, o.attachment, o.map, o.max_rois, o.replace) == (
+        True,
+        False,
+        False,
+        2000,
+        False,
+    )
     assert WriteOptions.parse("map", max_rois=10).max_rois == 10  # --max-rois implies rois
     for bad in ("table,cells", "", "rois"):
         with pytest.raises(ConicQPError):
@@ -334,9 +350,13 @@ def test_credentials_from_environment(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "s3cr3t-pw" not in repr(c) and "s3cr3t-pw" not in str(c)
     assert c.secrets == ("s3cr3t-pw",)
-    c = resolve_credentials(host="other", port=14064, environ={**env, "OMERO_PORT": "1"}, session_dir=nodir)
+    c = resolve_credentials(
+        host="other", port=14064, environ={**env, "OMERO_PORT": "1"}, session_dir=nodir
+    )
     assert (c.host, c.port) == ("other", 14064)  # options win over the environment
-    assert resolve_credentials(environ={**env, "OMERO_PORT": "4444"}, session_dir=nodir).port == 4444
+    assert (
+        resolve_credentials(environ={**env, "OMERO_PORT": "4444"}, session_dir=nodir).port == 4444
+    )
     k = resolve_credentials(session_key="key-123", environ=env, session_dir=nodir)
     assert (k.session_key, k.password, k.source) == ("key-123", None, "session key")
     assert "key-123" not in repr(k)
@@ -357,7 +377,9 @@ def test_credentials_from_environment(tmp_path: Path) -> None:
         ({"OMERO_SESSION_KEY": "k"}, {}),  # a key but no server
     ],
 )
-def test_credentials_errors_are_one_line(tmp_path: Path, env: dict[str, str], kw: dict[str, object]) -> None:
+def test_credentials_errors_are_one_line(
+    tmp_path: Path, env: dict[str, str], kw: dict[str, object]
+) -> None:
     with pytest.raises(ConicQPError) as info:
         resolve_credentials(environ=env, session_dir=tmp_path / "none", **kw)  # type: ignore[arg-type]
     msg = str(info.value)

@@ -33,7 +33,12 @@ import shapely
 from conic_qp.errors import ConicQPError
 from conic_qp.omero.connection import OmeroConnection, OmeroConnectionLost
 from conic_qp.omero.refs import OmeroRef
-from conic_qp.omero.results import WriteOptions, image_group, write_image_results
+from conic_qp.omero.results import (
+    WriteOptions,
+    check_writable,
+    image_group,
+    write_image_results,
+)
 from conic_qp.predict import (
     ModelSet,
     PredictSettings,
@@ -316,6 +321,7 @@ def _run_once(
         )
     name = f"{image.getName()} [image {image_id}]"
     paths = output_paths(out_dir, stem)
+    check_writable(image, server)
     with image_group(gw, image):
         region_list = read_image_regions(gw, image_id, server) if regions == "rois" else []
         run_roi = roi
@@ -542,6 +548,7 @@ def load_omero_cohort(
             classes = df.attrs.get("classes")
             if classes is None or info.get("mpp") is None:
                 raise ConicQPError(f"the conic-qp table of image {iid} lacks classes or um/px")
+            df.attrs = {}  # provenance goes into the Parquet metadata below, not pandas attrs
             path = write_table(
                 df,
                 where / f"{image_stem(connection.credentials.host, iid)}.nuclei.parquet",

@@ -130,9 +130,11 @@ def table_spec(table: pd.DataFrame, classes: ClassScheme, *, with_roi: bool) -> 
         ColumnSpec("string", "class_name", "class_name", utf8_size(classes.names), "class")
     )
     specs.append(ColumnSpec("double", "class_prob", "class_prob", description="0-1"))
-    for name in classes.names:
-        col = prob_column(name)
-        specs.append(ColumnSpec("double", col, col, description=f"probability of {name}"))
+    for c in classes:
+        col = prob_column(c.name)
+        # descriptions must be ASCII: hdfstorageV2 stores them as a PyTables array of str,
+        # which cannot hold unicode (names can: they become HDF5 column names)
+        specs.append(ColumnSpec("double", col, col, description=f"probability of class {c.id}"))
     for col, unit in (
         ("area_px", "level-0 px^2"),
         ("area_um2", "um^2"),
@@ -408,6 +410,15 @@ def image_group(conn: Any, image: Any) -> Iterator[None]:
             opts.setOmeroGroup(before)
 
 
+def check_writable(image: Any, server: str = "the server") -> None:
+    """Refuse an image the user may not annotate (before hours of prediction, not after)."""
+    if image.canAnnotate() is False:
+        raise ConicQPError(
+            f"no permission to annotate OMERO image {image.getId()} on {server}; ask its owner "
+            "or a group administrator, or run in a group where you can write"
+        )
+
+
 def write_image_results(
     conn: Any,
     image_id: int,
@@ -456,11 +467,7 @@ def write_image_results(
                 f"OMERO image {image_id} was not found on {server} (or you cannot see it)"
             )
         with image_group(conn, image):
-            if image.canAnnotate() is False:
-                raise ConicQPError(
-                    f"no permission to annotate OMERO image {image_id} on {server}; ask its "
-                    "owner or a group administrator, or run in a group where you can write"
-                )
+            check_writable(image, server)
             try:
                 _create_all(
                     conn,

@@ -828,5 +828,324 @@ def _bundled_model() -> str:
     return str(default)
 
 
+# ----------------------------------------------------------------------------------- omero
+
+
+@main.group("omero")
+def omero_group() -> None:
+    """Run OMERO batch jobs: images by id, dataset, project or plate (docs/omero.md).
+
+    Log in first with `omero login HOST` (the session is reused), or set OMERO_HOST,
+    OMERO_USER and OMERO_PASSWORD, or pass --session-key. Passwords are never options.
+    """
+
+
+def _omero_target_options(f: Any) -> Any:
+    """Options naming the server and the images (shared by the omero commands)."""
+    for opt in reversed(
+        [
+            click.argument("refs", nargs=-1, metavar="[REFS]..."),
+            click.option(
+                "--image", "images", multiple=True, metavar="ID", help="Image id (repeatable)."
+            ),
+            click.option(
+                "--dataset",
+                "datasets",
+                multiple=True,
+                metavar="ID",
+                help="Every image of a dataset.",
+            ),
+            click.option(
+                "--project",
+                "projects",
+                multiple=True,
+                metavar="ID",
+                help="Every image of a project.",
+            ),
+            click.option(
+                "--plate", "plates", multiple=True, metavar="ID", help="Every image of a plate."
+            ),
+            click.option(
+                "--qupath-project",
+                type=click.Path(exists=True),
+                default=None,
+                help="The OMERO images of a QuPath project (its project.qpproj).",
+            ),
+            click.option(
+                "--host",
+                default=None,
+                help="OMERO server (default: OMERO_HOST or the `omero login` host).",
+            ),
+            click.option(
+                "--port", type=int, default=None, help="Blitz port (default: OMERO_PORT or 4064)."
+            ),
+            click.option(
+                "--group",
+                default=None,
+                help="Group name or id (default: OMERO_GROUP, else all your groups).",
+            ),
+            click.option(
+                "--session-key",
+                default=None,
+                envvar="OMERO_SESSION_KEY",
+                show_envvar=True,
+                help="Join this session instead of logging in.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _omero_connection(
+    refs: tuple[str, ...],
+    images: tuple[str, ...],
+    datasets: tuple[str, ...],
+    projects: tuple[str, ...],
+    plates: tuple[str, ...],
+    qupath_project: str | None,
+    host: str | None,
+    port: int | None,
+    group: str | None,
+    session_key: str | None,
+) -> tuple[Any, list[Any]]:
+    from conic_qp.omero.connection import OmeroConnection, resolve_credentials
+    from conic_qp.omero.refs import collect_refs
+
+    targets = collect_refs(
+        refs,
+        images=images,
+        datasets=datasets,
+        projects=projects,
+        plates=plates,
+        qupath_project=qupath_project,
+    )
+    first = next((r for r in targets if r.host), None)
+    creds = resolve_credentials(
+        host,
+        port,
+        session_key,
+        group,
+        ref_host=first.host if first else None,
+        ref_port=first.port if first else None,
+    )
+    return OmeroConnection(creds), targets
+
+
+@omero_group.command("predict")
+@_omero_target_options
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Local folder: per-image outputs as `predict` writes them, plus upload records.")  # fmt: skip
+@click.option("--write", "write", default="table,attachment,map", show_default=True,
+              help="What goes to OMERO: table,attachment,map,rois.")  # fmt: skip
+@click.option("--max-rois", type=int, default=0, show_default=True,
+              help="Polygon ROIs per image (at most; 0 = none). Viewers slow down with many.")  # fmt: skip
+@click.option("--replace/--keep", default=True, show_default=True,
+              help="Replace earlier conic-qp results of each image, or keep them.")  # fmt: skip
+@click.option("--regions", type=click.Choice(["rois", "none"]), default="rois", show_default=True,
+              help="Compose per existing OMERO ROI (and the whole tissue), or whole tissue only.")  # fmt: skip
+@click.option("--inside-rois", is_flag=True, help="Run only inside each image's ROIs (if any).")
+@click.option("--retries", type=int, default=1, show_default=True,
+              help="New logins and attempts of an image after a dropped connection.")  # fmt: skip
+@click.option("--model", "model_paths", multiple=True, metavar="CKPT",
+              help="Checkpoint folder; repeat for an ensemble.")  # fmt: skip
+@click.option("--thresholds", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="thresholds.json overriding the checkpoint's.")  # fmt: skip
+@click.option("--mpp", type=float, default=None,
+              help="Level-0 um/px when OMERO has no pixel size (or a wrong one).")  # fmt: skip
+@click.option("--roi", "rois", multiple=True, metavar="X,Y,W,H",
+              help="Only this level-0 rectangle (repeatable).")  # fmt: skip
+@click.option("--tta", "tta_passes", type=int, default=16, show_default=True,
+              help="Test-time augmentation passes per model.")  # fmt: skip
+@click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N] or mps.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--workers", type=int, default=None,
+              help="Post-processing processes (default: CPU cores - 1, at most 8).")  # fmt: skip
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
+@click.option("--tile-size", type=int, default=512, show_default=True)
+@click.option("--halo", type=int, default=64, show_default=True)
+@click.option("--no-tissue", is_flag=True, help="Run every tile (no tissue detection).")
+@click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
+              show_default=True, help="QuPath object type in the GeoJSON.")  # fmt: skip
+@click.option("--resume", is_flag=True, help="Skip images already uploaded with this model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def omero_predict_cmd(
+    refs: tuple[str, ...],
+    images: tuple[str, ...],
+    datasets: tuple[str, ...],
+    projects: tuple[str, ...],
+    plates: tuple[str, ...],
+    qupath_project: str | None,
+    host: str | None,
+    port: int | None,
+    group: str | None,
+    session_key: str | None,
+    out_dir: str,
+    write: str,
+    max_rois: int,
+    replace: bool,
+    regions: str,
+    inside_rois: bool,
+    retries: int,
+    model_paths: tuple[str, ...],
+    thresholds: str | None,
+    mpp: float | None,
+    rois: tuple[str, ...],
+    tta_passes: int,
+    no_mc_dropout: bool,
+    seed: int,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    amp: bool,
+    tile_size: int,
+    halo: int,
+    no_tissue: bool,
+    object_type: str,
+    resume: bool,
+    quiet: bool,
+) -> None:
+    """Segment and classify nuclei in OMERO images and write the results back to OMERO.
+
+    REFS are omero://host[:port]/image/ID (or dataset/, project/, plate/) references or
+    OMERO.web links. Per image, under conic-qp namespaces: an OMERO.table (one row per
+    nucleus), the QuPath GeoJSON as an attachment, key-value pairs with the composition of the
+    image and of each ROI, and (with --max-rois) polygon ROIs. A failed image does not stop the
+    batch; failures are listed at the end (exit code 1).
+    """
+    import os
+
+    from rich.table import Table
+
+    from conic_qp.omero.jobs import expand_refs, run_omero_images
+    from conic_qp.omero.refs import OmeroRef
+    from conic_qp.omero.results import WriteOptions
+    from conic_qp.predict import PredictSettings, load_models, resolve_device, roi_from_boxes
+    from conic_qp.tta import TTAConfig
+
+    options = WriteOptions.parse(write, max_rois=max_rois, replace=replace)
+    if retries < 0:
+        raise ConicQPError(f"--retries must be >= 0 (got {retries})")
+    connection, targets = _omero_connection(
+        refs, images, datasets, projects, plates, qupath_project, host, port, group, session_key
+    )
+    roi = roi_from_boxes([_parse_roi(t) for t in rois]) if rois else None
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    settings = PredictSettings(
+        tile_size=tile_size,
+        halo=halo,
+        batch_size=batch_size,
+        tta=TTAConfig(passes=tta_passes, mc_dropout=not no_mc_dropout),
+        seed=seed,
+        device=device,
+        amp=amp,
+        workers=workers,
+        tissue_detection=not no_tissue,
+        object_type=object_type,  # type: ignore[arg-type]
+    )
+    with connection:  # log in first: a login problem shows before the model loads
+        console.print(f"connected to {connection.credentials}", highlight=False)
+        ids = expand_refs(connection, targets)
+        models = load_models(
+            model_paths or (_bundled_model(),), device=resolve_device(device), thresholds=thresholds
+        )
+        with _PredictProgress(len(ids), disabled=quiet) as progress:
+            batch = run_omero_images(
+                connection,
+                [OmeroRef("image", i) for i in ids],
+                models,
+                settings,
+                out_dir,
+                write=options,
+                mpp=mpp,
+                roi=roi,
+                regions=regions,  # type: ignore[arg-type]
+                inside_rois=inside_rois,
+                resume=resume,
+                retries=retries,
+                on_progress=progress.update,
+            )
+    table = Table(title=f"conic-qp omero predict ({connection.server})")
+    for col in ("image", "name", "nuclei", "regions", "status"):
+        table.add_column(col)
+    for r in batch.images:
+        colour = {"done": "green", "skipped": "yellow", "failed": "red"}[r.status]
+        table.add_row(
+            str(r.image_id), r.name, str(r.n_nuclei), str(r.n_regions), f"[{colour}]{r.status}"
+        )
+    Console().print(table)
+    console.print(f"local outputs in {out_dir}", highlight=False)
+    if batch.failures:
+        console.print(f"[bold red]{len(batch.failures)} image(s) failed:[/]", highlight=False)
+        for key, msg in batch.failures.items():
+            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+@omero_group.command("composition")
+@_omero_target_options
+@click.option("-o", "--output", required=True, metavar="TABLE.csv", help="Tidy table (CSV).")
+@click.option("--regions", type=click.Choice(["rois", "none"]), default="rois", show_default=True,
+              help="Count per OMERO ROI, or over the whole area each run covered.")  # fmt: skip
+@click.option("--report", default=None, metavar="REPORT.html", help="Also write an HTML report.")
+def omero_composition_cmd(
+    refs: tuple[str, ...],
+    images: tuple[str, ...],
+    datasets: tuple[str, ...],
+    projects: tuple[str, ...],
+    plates: tuple[str, ...],
+    qupath_project: str | None,
+    host: str | None,
+    port: int | None,
+    group: str | None,
+    session_key: str | None,
+    output: str,
+    regions: str,
+    report: str | None,
+) -> None:
+    """Count nuclei per class in OMERO images from their conic-qp tables (centroid rule).
+
+    Reads each image's OMERO.table written by `conic-qp omero predict` and its ROIs; writes the
+    same TABLE.csv / .parquet / .summary.csv as `conic-qp composition`.
+    """
+    from conic_qp.composition import compose_cohort, write_composition
+    from conic_qp.omero.jobs import load_omero_cohort
+
+    connection, targets = _omero_connection(
+        refs, images, datasets, projects, plates, qupath_project, host, port, group, session_key
+    )
+    with connection:
+        slides, failures, tmp = load_omero_cohort(connection, targets, regions=regions)  # type: ignore[arg-type]
+    try:
+        tidy, summary, scheme, failed = compose_cohort(slides, rule="centroid")
+        failures.update(failed)
+        if tidy.empty:
+            raise ConicQPError(
+                "no OMERO image could be composed; first problem: "
+                f"{next(iter(failures.values()), 'no tables')}"
+            )
+        for kind, path in write_composition(tidy, summary, output).items():
+            console.print(f"{kind}: {path}", highlight=False)
+        if report:
+            from conic_qp.report import write_report
+
+            done = [s for s in slides if s.slide not in failures]
+            html = write_report(
+                tidy, summary, report, classes=scheme, slides=done, failures=failures
+            )
+            console.print(f"report: {html}", highlight=False)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if failures:
+        console.print(f"[bold red]{len(failures)} image(s) failed:[/]", highlight=False)
+        for key, msg in failures.items():
+            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -32,6 +32,7 @@ from conic_qp.errors import ConicQPError
 __all__ = [
     "KINDS",
     "OmeroRef",
+    "collect_refs",
     "is_omero_ref",
     "parse_ref",
     "refs_in_qupath_project",
@@ -189,3 +190,50 @@ def _builder_uris(builder: object) -> Iterable[str]:
     for key in ("builder", "serverBuilder"):
         uris.extend(_builder_uris(builder.get(key)))
     return uris
+
+
+def collect_refs(
+    texts: Iterable[str] = (),
+    *,
+    images: Iterable[str | int] = (),
+    datasets: Iterable[str | int] = (),
+    projects: Iterable[str | int] = (),
+    plates: Iterable[str | int] = (),
+    qupath_project: str | Path | None = None,
+) -> list[OmeroRef]:
+    """All references given on a command line, in order, each once.
+
+    ``texts`` are references in any form :func:`parse_ref` reads; ``images`` ... ``plates``
+    are ids (or references of that kind); ``qupath_project`` adds the OMERO images of a QuPath
+    project.
+
+    Raises
+    ------
+    ConicQPError
+        A malformed reference, one of the wrong kind, or no reference at all.
+    """
+    out: list[OmeroRef] = [parse_ref(t) for t in texts]
+    for kind, values in (("image", images), ("dataset", datasets), ("project", projects),
+                         ("plate", plates)):  # fmt: skip
+        for v in values:
+            ref = parse_ref(str(v), default_kind=kind)  # type: ignore[arg-type]
+            if ref.kind != kind:
+                raise ConicQPError(f"--{kind} {v}: that names a {ref.kind}, not a {kind}")
+            out.append(ref)
+    if qupath_project is not None:
+        found = refs_in_qupath_project(qupath_project)
+        if not found:
+            raise ConicQPError(f"QuPath project {qupath_project} has no OMERO images")
+        out.extend(r for _, r in found)
+    if not out:
+        raise ConicQPError(
+            "no OMERO image given: pass --image ID, --dataset ID, --project ID, --plate ID or "
+            "an omero://host/image/ID reference"
+        )
+    hosts = {r.host.lower() for r in out if r.host}
+    if len(hosts) > 1:
+        raise ConicQPError(
+            f"the references name several servers ({', '.join(sorted(hosts))}); run one server "
+            "at a time"
+        )
+    return list(dict.fromkeys(out))

@@ -525,3 +525,43 @@ def test_composition_reads_results_back_from_omero(
         assert int(summary[f"count_{name}"].iloc[0]) == int((inside["class_name"] == name).sum())
     if tmp is not None:
         tmp.cleanup()
+
+
+def test_omero_script_runs_on_its_session(
+    srv: Any, slide: list[np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/omero/Run_conic_qp.py: inputs -> job on the script's own connection."""
+    import importlib.util as iu
+
+    import omero.scripts
+
+    from conic_qp.omero.results import NS_TABLE
+    from tests.helpers_models import stand_in_models
+    from tests.helpers_omero import LoopbackConn
+
+    spec = iu.spec_from_file_location(
+        "run_conic_qp", Path(__file__).parents[1] / "scripts/omero/Run_conic_qp.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = iu.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = {p._name: p for p in script.params()}
+    assert {"Data_Type", "IDs", "Model", "Write", "Max_ROIs", "Replace", "Message"} <= set(names)
+    assert isinstance(names["IDs"], omero.scripts.List) and names["Message"]._out
+
+    img, _ = _job_setup(srv, slide)
+
+    class Client:
+        def getInputs(self, unwrap: bool = True) -> dict[str, Any]:
+            return {"Data_Type": "Image", "IDs": [11], "TTA_passes": 1, "MC_dropout": False,
+                    "Write": "table,map", "Max_ROIs": 5, "Device": "cpu",
+                    "Output_folder": str(tmp_path / "out")}  # fmt: skip
+
+        def getProperty(self, key: str) -> str:
+            return {"omero.host": "127.0.0.1", "omero.port": str(srv.port)}[key]
+
+    monkeypatch.setattr(script, "BlitzGateway", lambda client_obj: LoopbackConn(srv, {11: img}))
+    monkeypatch.setattr("conic_qp.predict.load_models", lambda paths, device: stand_in_models())
+    message = script.run(Client())
+    assert message.startswith("1 image(s) done")
+    assert len(_linked(srv, 11)[NS_TABLE]) == 1 and len(srv.db.rois) == 5

@@ -390,3 +390,74 @@ def test_scrub() -> None:
     assert scrub("key abc and abc", ["abc"]) == "key *** and ***"
     assert scrub("nothing", ["", "zz"]) == "nothing"
     assert str(OmeroCredentials("h", 4064, "u", "pw", None)) == "u@h:4064 ()"
+
+
+# ------------------------------------------------------------------------------- expansion
+
+
+class _Obj:
+    def __init__(self, oid: int, children: list[_Obj] | None = None, **kw: object) -> None:
+        self.oid, self.children, self.kw = oid, children or [], kw
+
+    def getId(self) -> int:
+        return self.oid
+
+    def listChildren(self) -> list[_Obj]:
+        return self.children
+
+    def getRow(self) -> object:
+        return self.kw.get("row")
+
+    def getColumn(self) -> object:
+        return self.kw.get("col")
+
+    def getImage(self) -> object:
+        return self.kw.get("image")
+
+
+class _Gateway:
+    """Containers: dataset 1 = images 3, 2; project 7 = datasets 1 and 5 (image 4); plate 9."""
+
+    def __init__(self) -> None:
+        wells = [_Obj(20, [_Obj(30, image=_Obj(12)), _Obj(31, image=_Obj(13))], row=1, col=0),
+                 _Obj(21, [_Obj(32, image=_Obj(11))], row=0, col=0)]  # fmt: skip
+        self.objects = {("Dataset", 1): _Obj(1), ("Dataset", 5): _Obj(5), ("Project", 7): _Obj(7),
+                        ("Plate", 9): _Obj(9, wells)}  # fmt: skip
+        self.images = {1: [_Obj(3), _Obj(2)], 5: [_Obj(4)]}
+
+    def getObject(self, kind: str, oid: int) -> object:
+        return self.objects.get((kind, oid))
+
+    def getObjects(self, kind: str, opts: dict[str, int]) -> list[_Obj]:
+        if kind == "Image":
+            return self.images.get(opts["dataset"], [])
+        assert kind == "Dataset" and opts == {"project": 7}
+        return [_Obj(5), _Obj(1)]
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.gateway = _Gateway()
+        self.credentials = OmeroCredentials("omero.example.org")
+
+    def call(self, what: str) -> object:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_expand_refs_containers_in_order_each_once() -> None:
+    from conic_qp.omero.jobs import expand_refs
+
+    conn = _Conn()
+    refs = [OmeroRef("image", 4), OmeroRef("dataset", 1), OmeroRef("project", 7),
+            OmeroRef("plate", 9, "OMERO.example.org")]  # fmt: skip
+    assert expand_refs(conn, refs) == [4, 2, 3, 11, 12, 13]  # type: ignore[arg-type]
+    with pytest.raises(ConicQPError, match="dataset 8 was not found"):
+        expand_refs(conn, [OmeroRef("dataset", 8)])  # type: ignore[arg-type]
+    with pytest.raises(ConicQPError, match=r"is on other\.org"):
+        expand_refs(conn, [OmeroRef("image", 1, "other.org")])  # type: ignore[arg-type]
+    conn.gateway.images[5] = []
+    conn.gateway.images[1] = []
+    with pytest.raises(ConicQPError, match="no OMERO image"):
+        expand_refs(conn, [OmeroRef("dataset", 1)])  # type: ignore[arg-type]

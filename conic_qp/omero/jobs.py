@@ -188,7 +188,7 @@ def _images_of(gw: Any, ref: OmeroRef) -> list[int]:
             )
         return out
     out = []
-    for well in sorted(obj.listChildren(), key=lambda w: (w.row, w.column)):
+    for well in sorted(obj.listChildren(), key=lambda w: (w.getRow() or 0, w.getColumn() or 0)):
         for ws in well.listChildren():
             image = ws.getImage()
             if image is not None:

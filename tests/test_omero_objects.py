@@ -297,3 +297,40 @@ def test_composition_summary_feeds_map_annotations(om: Any) -> None:
     pairs = dict(composition_pairs({str(k): v for k, v in summary.iloc[1].items()}))
     assert pairs["region_id"] == "77" and pairs["count_a"] == "2" and pairs["count_b"] == "1"
     assert isinstance(summary, pd.DataFrame)
+
+
+def test_group_selection_by_name_or_id(om: Any) -> None:
+    import omero.gateway
+
+    from conic_qp.omero.connection import OmeroConnection, OmeroCredentials
+
+    class Group:
+        def __init__(self, gid: int, name: str) -> None:
+            self.gid, self.name = gid, name
+
+        def getId(self) -> int:
+            return self.gid
+
+        def getName(self) -> str:
+            return self.name
+
+    class Gateway:
+        def __init__(self) -> None:
+            self.SERVICE_OPTS = omero.gateway.ServiceOptsDict()
+            self.switched: list[int] = []
+
+        def getGroupsMemberOf(self) -> list[Group]:
+            return [Group(3, "pathology"), Group(5, "imaging core")]
+
+        def setGroupForSession(self, gid: int) -> bool:
+            self.switched.append(gid)
+            return True
+
+    conn = OmeroConnection(OmeroCredentials("h", 4064, "ana", PASSWORD))
+    conn._gateway = gw = Gateway()
+    assert conn._select_group("imaging core") == 5 and gw.SERVICE_OPTS.getOmeroGroup() == "5"
+    assert conn._select_group("3") == 3 and gw.switched == [5, 3]
+    with pytest.raises(ConicQPError) as info:
+        conn._select_group("radiology")
+    msg = str(info.value)
+    assert "not a member" in msg and "imaging core, pathology" in msg and "--group" in msg

@@ -953,6 +953,7 @@ def _omero_connection(
               help="thresholds.json overriding the checkpoint's.")  # fmt: skip
 @click.option("--mpp", type=float, default=None,
               help="Level-0 um/px when OMERO has no pixel size (or a wrong one).")  # fmt: skip
+@click.option("--force-mpp", is_flag=True, help="Accept an --mpp outside 0.1-2 um/px.")
 @click.option("--roi", "rois", multiple=True, metavar="X,Y,W,H",
               help="Only this level-0 rectangle (repeatable).")  # fmt: skip
 @click.option("--tta", "tta_passes", type=int, default=16, show_default=True,
@@ -992,6 +993,7 @@ def omero_predict_cmd(
     model_paths: tuple[str, ...],
     thresholds: str | None,
     mpp: float | None,
+    force_mpp: bool,
     rois: tuple[str, ...],
     tta_passes: int,
     no_mc_dropout: bool,
@@ -1023,9 +1025,12 @@ def omero_predict_cmd(
     from conic_qp.omero.refs import OmeroRef
     from conic_qp.omero.results import WriteOptions
     from conic_qp.predict import PredictSettings, load_models, resolve_device, roi_from_boxes
+    from conic_qp.slides import check_mpp
     from conic_qp.tta import TTAConfig
 
     options = WriteOptions.parse(write, max_rois=max_rois, replace=replace)
+    if mpp is not None:
+        check_mpp(mpp, force=force_mpp)
     if retries < 0:
         raise ConicQPError(f"--retries must be >= 0 (got {retries})")
     connection, targets = _omero_connection(
@@ -1061,6 +1066,7 @@ def omero_predict_cmd(
                 out_dir,
                 write=options,
                 mpp=mpp,
+                force_mpp=force_mpp,
                 roi=roi,
                 regions=regions,  # type: ignore[arg-type]
                 inside_rois=inside_rois,

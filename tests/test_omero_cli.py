@@ -46,6 +46,7 @@ def test_help_lists_the_commands() -> None:
         (["omero", "predict", "-o", "OUT", "--dataset", "omero://h/image/3"], "not a dataset"),
         (["omero", "predict", "-o", "OUT", "--image", "3", "--write", "table,cells"], "unknown"),
         (["omero", "predict", "-o", "OUT", "--image", "3", "--write", "rois"], "--max-rois"),
+        (["omero", "predict", "-o", "OUT", "--image", "3", "--mpp", "50"], "--force-mpp"),
         (["omero", "predict", "-o", "OUT", "omero://a/image/1", "omero://b/image/2"], "several servers"),
         (["omero", "composition", "-o", "t.csv", "--image", "4"], "no OMERO login found"),
     ],

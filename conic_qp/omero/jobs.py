@@ -208,6 +208,7 @@ def run_omero_image(
     *,
     write: WriteOptions,
     mpp: float | None = None,
+    force_mpp: bool = False,
     roi: shapely.Geometry | None = None,
     regions: Regions = "rois",
     inside_rois: bool = False,
@@ -226,6 +227,7 @@ def run_omero_image(
     out_dir : local output folder (kept for ``resume`` and as a local copy of the results).
     write : what goes to OMERO.
     mpp : level-0 um/px when OMERO has no pixel size (``--mpp``).
+    force_mpp : accept an ``mpp`` outside 0.1-2 um/px (``--force-mpp``).
     roi : level-0 geometry to run inside (``--roi``).
     regions : ``"rois"``: the image's OMERO ROIs are composition regions; ``"none"``: the whole
         tissue only.
@@ -268,6 +270,7 @@ def run_omero_image(
                 ref,
                 write=write,
                 mpp=mpp,
+                force_mpp=force_mpp,
                 roi=roi,
                 regions=regions,
                 inside_rois=inside_rois,
@@ -295,6 +298,7 @@ def _run_once(
     *,
     write: WriteOptions,
     mpp: float | None,
+    force_mpp: bool,
     roi: shapely.Geometry | None,
     regions: Regions,
     inside_rois: bool,
@@ -329,7 +333,9 @@ def _run_once(
             union = shapely.union_all([r.geometry for r in region_list])
             run_roi = union if run_roi is None else shapely.intersection(run_roi, union)
         if not (reuse and is_complete(paths["run"], models.fingerprint)):
-            with OmeroSource(gw, image, mpp=mpp, server=server, name=name) as source:
+            with OmeroSource(
+                gw, image, mpp=mpp, force_mpp=force_mpp, server=server, name=name
+            ) as source:
                 predict_slide(
                     source,
                     models,
@@ -430,6 +436,7 @@ def run_omero_images(
     *,
     write: WriteOptions,
     mpp: float | None = None,
+    force_mpp: bool = False,
     roi: shapely.Geometry | None = None,
     regions: Regions = "rois",
     inside_rois: bool = False,
@@ -460,6 +467,7 @@ def run_omero_images(
                     out_dir,
                     write=write,
                     mpp=mpp,
+                    force_mpp=force_mpp,
                     roi=roi,
                     regions=regions,
                     inside_rois=inside_rois,

@@ -133,6 +133,7 @@ class OmeroSource(PyramidSource):
         ``SERVICE_OPTS``).
     image : the ``ImageWrapper`` (``conn.getObject("Image", id)``).
     mpp : level-0 um/px overriding OMERO's pixel size (``--mpp``); required when it has none.
+    force_mpp : accept an ``mpp`` outside the usual 0.1-2 um/px (``--force-mpp``).
     server : ``host:port`` for messages.
     name : display name (default ``"<image name> [image ID]"``).
 
@@ -148,6 +149,7 @@ class OmeroSource(PyramidSource):
         image: Any,
         *,
         mpp: float | None = None,
+        force_mpp: bool = False,
         server: str = "the server",
         name: str | None = None,
     ) -> None:
@@ -167,7 +169,7 @@ class OmeroSource(PyramidSource):
             raise _not_rgb(self._name, f"{self._size_c}-channel {self._pixel_type} (OMERO)")
         if int(image.getSizeZ()) > 1 or int(image.getSizeT()) > 1:
             log.warning("%s has several Z/T planes; reading Z=0, T=0", self._name)
-        self._mpp = _resolve_mpp(self._name, image_mpp(image), mpp)
+        self._mpp = _resolve_mpp(self._name, image_mpp(image), mpp, force=force_mpp)
         pixels_id = int(image.getPixelsId())
         size = (int(image.getSizeX()), int(image.getSizeY()))
         with self._calls(f"opening the pixels of image {self.image_id}"):

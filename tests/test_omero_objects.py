@@ -287,6 +287,7 @@ def test_composition_summary_feeds_map_annotations(om: Any) -> None:
     df = _nuclei(classes, 6)
     df["centroid_x"] = [10.0, 20.0, 30.0, 510.0, 520.0, 530.0]
     df["centroid_y"] = 10.0
+    df["polygon_wkb"] = [shapely.to_wkb(shapely.Point(x, 10.0).buffer(3)) for x in df["centroid_x"]]
     df.attrs["classes"] = classes
     df.attrs["conic_qp"] = {"mpp": 0.5}
     region = CompositionRegion("left", shapely.box(0, 0, 100, 100), None, "77")

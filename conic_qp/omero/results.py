@@ -1,11 +1,13 @@
 """Write one image's results to OMERO: an OMERO.table, the GeoJSON, key-value pairs, capped ROIs.
 
-Everything lands on the image, under conic-qp namespaces, in an order that never leaves half a
-result visible: ROIs (if asked) -> table -> GeoJSON file -> map annotations are created first,
-then linked to the image in one transaction (``saveArray`` of the links), and only then are the
-earlier conic-qp results of the image deleted (unless ``replace=False``). A failure before the
-links are saved deletes what this call created (best effort: a dropped connection can leave
-unlinked files, which OMERO shows nowhere and a re-run does not see).
+Everything lands on the image, under conic-qp namespaces, in an order that leaves no half
+result behind: ROIs (if asked) -> table -> GeoJSON file -> map annotations are created first,
+then the annotations are linked to the image in one transaction (``saveArray`` of the links),
+and only then are the earlier conic-qp results of the image deleted (unless ``replace=False``).
+ROIs point at their image themselves, so they show while the upload runs. A failure before the
+links are saved deletes what this call created, ROIs included (best effort: a dropped connection
+can leave unlinked files, which OMERO shows nowhere and a re-run does not see, and ROIs, which
+the next run replaces).
 
 Facts (omero-py 5.23.0):
 

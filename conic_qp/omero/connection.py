@@ -50,7 +50,6 @@ __all__ = [
     "OmeroConnection",
     "OmeroConnectionLost",
     "OmeroCredentials",
-    "has_omero",
     "omero_api",
     "omero_errors",
     "resolve_credentials",
@@ -85,15 +84,6 @@ class OmeroConnectionLost(ConicQPError):
 
 _API: SimpleNamespace | None = None
 _API_LOCK = threading.Lock()
-
-
-def has_omero() -> bool:
-    """True when omero-py and Ice import (without importing them twice)."""
-    try:
-        omero_api()
-    except ConicQPError:
-        return False
-    return True
 
 
 def omero_api() -> SimpleNamespace:
@@ -485,10 +475,10 @@ class OmeroConnection:
         creds = OmeroCredentials(
             host or "server", int(port) if port.isdigit() else DEFAULT_PORT, source="script"
         )
-        self = cls(creds, keep_alive=0)
-        self._gateway = gateway
-        self._owned = False
-        return self
+        conn = cls(creds, keep_alive=0)
+        conn._gateway = gateway
+        conn._owned = False
+        return conn
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property

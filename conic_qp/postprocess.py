@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import shapely
 from scipy import ndimage as ndi
 from skimage.measure import label as sk_label
 from skimage.segmentation import watershed
@@ -345,38 +346,56 @@ def _watershed(
     fg = fg_prob[cand] > fg_thr[region]
     fg_class = np.zeros(h * w, dtype=np.int32)
     fg_class[cand] = np.where(fg, region, 0)
+    is_seed = fg & (interior[cand] > seed_thr[region])
+    seed_pix = cand[is_seed]
     seed_class = np.zeros(h * w, dtype=np.int32)
-    seed_class[cand] = np.where(fg & (interior[cand] > seed_thr[region]), region, 0)
+    seed_class[seed_pix] = region[is_seed]
+    fg_pix = cand[fg]
     fg_class, seed_class = fg_class.reshape(h, w), seed_class.reshape(h, w)
     # one labelling for all classes: touching pixels of different value get different labels
-    markers = sk_label(seed_class, connectivity=2, background=0).astype(np.int32)
-    n_markers = int(markers.max())
+    markers, n_markers = sk_label(seed_class, connectivity=2, background=0, return_num=True)
+    markers = markers.astype(np.int32, copy=False)
     label_class = np.zeros(n_markers + 1, dtype=np.int64)
-    seed_pix = np.flatnonzero(seed_class)
-    label_class[markers.ravel()[seed_pix]] = seed_class.ravel()[seed_pix]
+    seed_lab = markers.ravel()[seed_pix]
+    label_class[seed_lab] = region[is_seed]
     labels = np.zeros((h, w), dtype=np.int32)
     if n_markers == 0:
         return labels, label_class
     # Each 4-connected single-class foreground component is flooded independently of all
-    # others, so the per-class watersheds are one watershed over the seeded components packed
-    # side by side (1 px apart) on a small canvas: one call whose cost scales with the
-    # foreground, not with (number of classes) x (image size).
-    comps = sk_label(fg_class, connectivity=1, background=0)
-    seeded = np.zeros(int(comps.max()) + 1, dtype=bool)
-    seeded[comps[markers > 0]] = True
-    seeded[0] = False
-    comp_ids = np.flatnonzero(seeded)
-    boxes = ndi.find_objects(comps)
-    r0 = np.array([boxes[k - 1][0].start for k in comp_ids], dtype=np.int64)
-    c0 = np.array([boxes[k - 1][1].start for k in comp_ids], dtype=np.int64)
-    bh = np.array([boxes[k - 1][0].stop for k in comp_ids], dtype=np.int64) - r0
-    bw = np.array([boxes[k - 1][1].stop for k in comp_ids], dtype=np.int64) - c0
+    # others. A component holding one seed label is flooded entirely by it (no watershed
+    # needed: most nuclei); the components with several seeds are packed side by side (1 px
+    # apart) on a small canvas and flooded by one watershed call, so the cost scales with the
+    # touching nuclei, not with (number of classes) x (image size).
+    comps, n_comps = sk_label(fg_class, connectivity=1, background=0, return_num=True)
+    flat_comps = comps.ravel()
+    seed_comp = flat_comps[seed_pix]
+    # one of each component's seed labels; a component is flooded by it alone unless another
+    # of its seed pixels carries a different label
+    some = np.zeros(n_comps + 1, dtype=np.int32)
+    some[seed_comp] = seed_lab
+    multi = np.bincount(seed_comp[seed_lab != some[seed_comp]], minlength=n_comps + 1) > 0
+    single = np.where(multi, 0, some)
+    fg_comp = flat_comps[fg_pix]
+    labels.ravel()[fg_pix] = single[fg_comp]
+    if not multi.any():
+        log.debug("watershed: %d seeds, no touching seeds", n_markers)
+        return labels, label_class
+    in_multi = multi[fg_comp]
+    pix = fg_pix[in_multi]
+    comp_of = fg_comp[in_multi]
+    comp_ids, j = np.unique(comp_of, return_inverse=True)
+    rows, cols = pix // w, pix % w
+    r0 = np.full(comp_ids.size, h, dtype=np.int64)
+    c0 = np.full(comp_ids.size, w, dtype=np.int64)
+    r1 = np.zeros(comp_ids.size, dtype=np.int64)
+    c1 = np.zeros(comp_ids.size, dtype=np.int64)
+    np.minimum.at(r0, j, rows)
+    np.minimum.at(c0, j, cols)
+    np.maximum.at(r1, j, rows)
+    np.maximum.at(c1, j, cols)
+    bh, bw = r1 - r0 + 1, c1 - c0 + 1
     oy, ox, canvas_h, canvas_w = _shelf_pack(bh, bw, width=max(w, int(bw.max())))
-    slot = np.zeros(seeded.size, dtype=np.int64)
-    slot[comp_ids] = np.arange(comp_ids.size)
-    pix = np.flatnonzero(seeded[comps.ravel()])
-    j = slot[comps.ravel()[pix]]
-    cidx = (oy[j] + pix // w - r0[j]) * canvas_w + (ox[j] + pix % w - c0[j])
+    cidx = (oy[j] + rows - r0[j]) * canvas_w + (ox[j] + cols - c0[j])
     size = canvas_h * canvas_w
     elev = np.zeros(size, dtype=np.float64)
     elev[cidx] = -interior[pix]
@@ -422,16 +441,22 @@ def fill_instance_holes(labels: np.ndarray) -> np.ndarray:
     A pocket touching the image border or bordered by several instances is not a hole of any one
     of them and stays background. Done on the whole map at once instead of per instance.
     """
+    return _fill_holes(labels)[0]
+
+
+def _fill_holes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fill_instance_holes` and the (sorted) flat indices of the pixels it filled."""
+    none = np.zeros(0, dtype=np.int64)
     bg = labels == 0
     pockets, n = ndi.label(bg)
     if n == 0:
-        return labels
+        return labels, none
     border = np.concatenate([pockets[0], pockets[-1], pockets[:, 0], pockets[:, -1]])
     inner = np.ones(n + 1, dtype=bool)
     inner[0] = False
     inner[border] = False
     if not inner.any():
-        return labels
+        return labels, none
     # pixels of inner pockets are never on the image border: their 4 neighbours are in range
     w = labels.shape[1]
     flat_pockets = pockets.ravel()
@@ -446,11 +471,12 @@ def fill_instance_holes(labels: np.ndarray) -> np.ndarray:
     np.maximum.at(hi, owner[sel], nb[sel])
     fill = inner & (lo == hi)
     if not fill.any():
-        return labels
+        return labels, none
     lut = np.where(fill, hi, 0).astype(labels.dtype)
     out = labels.copy()
-    out.ravel()[idx] = lut[flat_pockets[idx]]
-    return out
+    values = lut[flat_pockets[idx]]
+    out.ravel()[idx] = values
+    return out, idx[values > 0]
 
 
 def _row_runs(
@@ -479,39 +505,65 @@ def _row_runs(
     return run_lab, key[first] % h, c0, c1, starts
 
 
-def _hull_pixel_count(rows: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> int:
-    """Pixel centres inside the convex hull of the pixels, as skimage's ``area_convex``.
+def _hull_pixel_counts(
+    row: np.ndarray, c0: np.ndarray, c1: np.ndarray, starts: np.ndarray, ids: np.ndarray
+) -> np.ndarray:
+    """Pixel centres inside the convex hull of each instance ``ids``, as skimage's ``area_convex``.
 
     Like ``convex_hull_image``: the hull of the pixels' edge midpoints ("diamond" points),
-    borders included. Only the row extremes matter; the hull's left side is the convex
-    minorant of the left points (monotone chain, rows as abscissa), its right side the concave
-    majorant of the right points, and each pixel row counts the integers between them.
+    borders included. Only the row extremes (runs of :func:`_row_runs`) matter. The hulls of all
+    instances are built in one vectorised shapely call; every hull edge then gives its x at the
+    integer rows it spans, and each (instance, row) counts the integers between its extremes.
     """
-    r = rows.astype(np.float64)
-    ys = np.stack([r - 0.5, r, r + 0.5], axis=1).ravel().tolist()  # sorted: rows ascend
-    left = list(zip(ys, np.stack([c0, c0 - 0.5, c0], axis=1).ravel().tolist(), strict=True))
-    right = list(zip(ys, np.stack([c1, c1 + 0.5, c1], axis=1).ravel().tolist(), strict=True))
-    xl = _chain(left, 1.0)
-    xr = _chain(right, -1.0)
-    yq = np.arange(rows[0], rows[-1] + 1, dtype=np.float64)
-    lo = np.interp(yq, [p[0] for p in xl], [p[1] for p in xl])
-    hi = np.interp(yq, [p[0] for p in xr], [p[1] for p in xr])
-    count = np.floor(hi + 1e-9) - np.ceil(lo - 1e-9) + 1
-    return int(count[count > 0].sum())
-
-
-def _chain(points: list[tuple[float, float]], sign: float) -> list[tuple[float, float]]:
-    """Lower (sign 1) or upper (sign -1) hull of points sorted by (y, x), y as abscissa."""
-    hull: list[tuple[float, float]] = []
-    for p in points:
-        while len(hull) >= 2:
-            (oy, ox), (ay, ax) = hull[-2], hull[-1]
-            if sign * ((ay - oy) * (p[1] - ox) - (ax - ox) * (p[0] - oy)) <= 0:
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.zeros(ids.size, dtype=np.int64)
+    if ids.size == 0:
+        return out
+    s, e = starts[ids], starts[ids + 1]
+    n_runs = e - s
+    run = np.repeat(s - np.r_[0, np.cumsum(n_runs)[:-1]], n_runs) + np.arange(int(n_runs.sum()))
+    owner = np.repeat(np.arange(ids.size), n_runs)
+    r = row[run].astype(np.float64)
+    left, right = c0[run].astype(np.float64), c1[run].astype(np.float64)
+    ys = np.stack([r - 0.5, r, r + 0.5, r - 0.5, r, r + 0.5], axis=1)
+    xs = np.stack([left, left - 0.5, left, right, right + 0.5, right], axis=1)
+    # a linestring through the points is built straight from the coordinates (a multipoint
+    # would first make one geometry per point); its hull is the hull of the points
+    lines = shapely.linestrings(
+        np.column_stack([xs.ravel(), ys.ravel()]), indices=np.repeat(owner, 6)
+    )
+    hulls = shapely.convex_hull(lines)
+    xy, ring = shapely.get_coordinates(hulls, return_index=True)
+    # consecutive vertices of one closed ring are the hull's edges
+    same = ring[1:] == ring[:-1]
+    x0, y0 = xy[:-1, 0][same], xy[:-1, 1][same]
+    x1, y1 = xy[1:, 0][same], xy[1:, 1][same]
+    inst = ring[:-1][same]
+    lo_y = np.ceil(np.minimum(y0, y1) - 1e-9).astype(np.int64)
+    hi_y = np.floor(np.maximum(y0, y1) + 1e-9).astype(np.int64)
+    n_y = np.maximum(hi_y - lo_y + 1, 0)
+    edge = np.repeat(np.arange(n_y.size), n_y)
+    y = lo_y[edge] + np.arange(int(n_y.sum())) - np.repeat(np.r_[0, np.cumsum(n_y)[:-1]], n_y)
+    dy = (y1 - y0)[edge]
+    flat = dy == 0
+    t = np.divide(y - y0[edge], dy, out=np.zeros(y.size), where=~flat)
+    x = x0[edge] + t * (x1 - x0)[edge]
+    # a horizontal edge contributes both of its ends
+    x = np.concatenate([x, x1[edge][flat]])
+    y = np.concatenate([y, y[flat]])
+    who = np.concatenate([inst[edge], inst[edge][flat]])
+    # one key per (instance, row): rows are offset into disjoint per-instance ranges
+    y_first = row[s].astype(np.int64) - 1
+    span = row[e - 1].astype(np.int64) - y_first + 2
+    key = (y - y_first[who]) + np.r_[0, np.cumsum(span)[:-1]][who]
+    order = np.argsort(key, kind="stable")
+    key, x, who = key[order], x[order], who[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    lo = np.minimum.reduceat(x, first)
+    hi = np.maximum.reduceat(x, first)
+    count = np.maximum(np.floor(hi + 1e-9) - np.ceil(lo - 1e-9) + 1, 0).astype(np.int64)
+    np.add.at(out, who[first], count)
+    return out
 
 
 def instance_solidity(labels: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
@@ -527,10 +579,8 @@ def instance_solidity(labels: np.ndarray, ids: np.ndarray | None = None) -> np.n
     _, row, c0, c1, starts = _row_runs(labels)
     area = np.bincount(labels.ravel(), minlength=top + 1)
     want = np.arange(1, top + 1) if ids is None else np.asarray(ids, dtype=np.int64)
-    for lid in want:
-        s, e = starts[lid], starts[lid + 1]
-        if e > s:
-            out[lid] = area[lid] / _hull_pixel_count(row[s:e], c0[s:e], c1[s:e])
+    want = want[starts[want] < starts[want + 1]]
+    out[want] = area[want] / _hull_pixel_counts(row, c0, c1, starts, want)
     return out
 
 
@@ -611,8 +661,12 @@ def _refine(
         parent[split.ravel()] = lab.ravel()
         cls_of = cls_of[parent]
         lab = split
+    # the instance pixels (flat, ascending) and their labels follow every step, so the filters
+    # touch the foreground only; the map is rebuilt where a whole-map step needs it
+    idx = np.flatnonzero(lab)
+    vals = lab.ravel()[idx]
     if params.split_and_size_filter:
-        area = np.bincount(lab.ravel(), minlength=cls_of.size)
+        area = np.bincount(vals, minlength=cls_of.size)
         min_size = np.array([0] + [t.min_size for t in params.classes])[cls_of]
         max_size = np.array(
             [0]
@@ -622,28 +676,36 @@ def _refine(
             ]
         )[cls_of]
         drop = (area < min_size) | (area > max_size)
-        drop[0] = True
-        keep_lut = np.where(drop, 0, np.arange(cls_of.size)).astype(np.int32)
-        lab = keep_lut[lab]
-    lab = fill_instance_holes(lab)
+        keep = ~drop[vals]
+        if not keep.all():
+            idx, vals = idx[keep], vals[keep]
+            lab = np.zeros(lab.shape, dtype=np.int32)
+            lab.ravel()[idx] = vals
+    lab, filled = _fill_holes(lab)
+    if filled.size:
+        idx = np.concatenate([idx, filled])
+        vals = np.concatenate([vals, lab.ravel()[filled]])
+        order = np.argsort(idx, kind="stable")  # two sorted runs: a linear merge
+        idx, vals = idx[order], vals[order]
     if params.solidity_filter:
-        lab = _solidity_filter(lab, cls_of, params)
+        drop = _solidity_drop(lab, vals, cls_of, params)
+        if drop is not None:
+            keep = ~drop[vals]
+            idx, vals = idx[keep], vals[keep]
 
     # consecutive ids 1..K
-    top = int(lab.max()) if lab.size else 0
-    present = np.zeros(top + 1, dtype=bool)
-    present[lab.ravel()] = True
-    present[0] = False
+    present = np.zeros(cls_of.size, dtype=bool)
+    present[vals] = True
     old_ids = np.flatnonzero(present)
-    relabel = np.zeros(top + 1, dtype=np.int32)
+    relabel = np.zeros(cls_of.size, dtype=np.int32)
     relabel[old_ids] = np.arange(1, old_ids.size + 1, dtype=np.int32)
-    final = relabel[lab]
+    ids = relabel[vals]
+    final = np.zeros(lab.shape, dtype=np.int32)
+    final.ravel()[idx] = ids
     k = old_ids.size
 
     # class = argmax of the summed nucleus-class softmax over the instance's pixels
     c = params.n_classes
-    idx = np.flatnonzero(final)
-    ids = final.ravel()[idx]
     sums = np.empty((k, c), dtype=np.float64)
     flat_sem = semantic_prob.reshape(semantic_prob.shape[0], -1)
     for j in range(c):
@@ -691,19 +753,26 @@ def _polygon_bound_count(
     return width.sum(axis=1)
 
 
-def _solidity_filter(lab: np.ndarray, cls_of: np.ndarray, params: PostprocessParams) -> np.ndarray:
-    top = int(lab.max()) if lab.size else 0
-    if top == 0:
-        return lab
+def _solidity_drop(
+    lab: np.ndarray, vals: np.ndarray, cls_of: np.ndarray, params: PostprocessParams
+) -> np.ndarray | None:
+    """Per label: below its class's solidity threshold (None: nothing to drop).
+
+    ``vals`` are the labels of ``lab``'s instance pixels. Cheap bounds settle most instances;
+    only those between the bounds get an exact convex hull.
+    """
+    if vals.size == 0:
+        return None
+    top = int(vals.max())
     thr = np.array([0.0] + [t.min_solidity for t in params.classes])[cls_of[: top + 1]]
     thr[0] = 0.0
     if not (thr > 0).any():
-        return lab
+        return None
     _, row, c0, c1, starts = _row_runs(lab)
-    area = np.bincount(lab.ravel(), minlength=top + 1)
+    area = np.bincount(vals, minlength=top + 1)
     ids = np.flatnonzero(np.r_[False, starts[1:-1] < starts[2:]])
     if ids.size == 0:
-        return lab
+        return None
     s = starts[ids]
     # hull >= rows filled between their extremes: an upper bound of the solidity
     row_fill = np.add.reduceat(c1 - c0 + 1, s)
@@ -712,12 +781,9 @@ def _solidity_filter(lab: np.ndarray, cls_of: np.ndarray, params: PostprocessPar
     t = thr[ids]
     drop = np.zeros(top + 1, dtype=bool)
     drop[ids[upper < t]] = True
-    for lid in ids[(t > 0) & (lower < t) & (upper >= t)]:
-        a, b = starts[lid], starts[lid + 1]
-        drop[lid] = area[lid] / _hull_pixel_count(row[a:b], c0[a:b], c1[a:b]) < thr[lid]
-    if not drop.any():
-        return lab
-    return np.where(drop[lab], 0, lab).astype(lab.dtype)
+    exact = ids[(t > 0) & (lower < t) & (upper >= t)]
+    drop[exact] = area[exact] / _hull_pixel_counts(row, c0, c1, starts, exact) < thr[exact]
+    return drop if drop.any() else None
 
 
 def postprocess(

@@ -54,12 +54,17 @@ log = logging.getLogger(__name__)
 MARKER = "conic-qp"
 MARKER_VERSION = 1.0
 
-#: Table column -> QuPath measurement name (QuPath's own cell-detection naming).
+#: Table column -> QuPath measurement name (QuPath's own cell-detection naming). The shape
+#: columns are measured on the outline polygon that is written, as QuPath measures a ROI
+#: (:func:`conic_qp.objects.shape_measurements`), so both measurement tables agree.
 MEASUREMENT_NAMES: dict[str, str] = {
     "area_um2": "Nucleus: Area µm^2",
     "perimeter_um": "Nucleus: Perimeter µm",
-    "solidity": "Nucleus: Solidity",
+    "circularity": "Nucleus: Circularity",
+    "max_caliper_um": "Nucleus: Max caliper µm",
+    "min_caliper_um": "Nucleus: Min caliper µm",
     "eccentricity": "Nucleus: Eccentricity",
+    "solidity": "Nucleus: Solidity",
     "class_prob": "Class probability",
 }
 

@@ -37,6 +37,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType  # noqa: E402
 
@@ -49,7 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conic_qp.classes import CONSEP  # noqa: E402
-from conic_qp.objects import instances_to_table  # noqa: E402
 from conic_qp.postprocess import PostprocessParams, postprocess  # noqa: E402
 from conic_qp.targets import make_targets  # noqa: E402
 
@@ -101,7 +101,9 @@ def real_tiles(n: int) -> tuple[list[Tile], PostprocessParams]:
     crops.sort(key=lambda c: -c[0])
     for _, name, rgb in crops[: (n + 1) // 2]:
         tiles.append((name, *run(rgb)))
-    images = sorted({p.name.rsplit("_", 1)[0] for p in (SHARED / "consep/images/test").glob("*.jpg")})
+    images = sorted(
+        {p.name.rsplit("_", 1)[0] for p in (SHARED / "consep/images/test").glob("*.jpg")}
+    )
     for image in images[: n - len(tiles)]:
         files = sorted((SHARED / "consep/images/test").glob(f"{image}_*.jpg"))[:16]
         mosaic = np.zeros((1024, 1024, 3), np.uint8)
@@ -115,7 +117,9 @@ def real_tiles(n: int) -> tuple[list[Tile], PostprocessParams]:
     return tiles, params
 
 
-def soft_probs(onehot_idx: np.ndarray, n: int, rng: np.random.Generator, sigma: float) -> np.ndarray:
+def soft_probs(
+    onehot_idx: np.ndarray, n: int, rng: np.random.Generator, sigma: float
+) -> np.ndarray:
     """Softmax of blurred one-hot logits plus smooth noise: network-like probabilities."""
     logits = 6.0 * (np.arange(n)[:, None, None] == onehot_idx[None]).astype(np.float32)
     logits = ndi.gaussian_filter(logits, (0, sigma, sigma))
@@ -237,19 +241,21 @@ def main() -> None:
     for name, sem, tl in tiles:
         inst = postprocess(sem, tl, params)
         n_nuclei += inst.n
-        times["pp_new"] += (pp := best_s(lambda: postprocess(sem, tl, params), args.repeats, clock))
+        times["pp_new"] += (
+            pp := best_s(partial(postprocess, sem, tl, params), args.repeats, clock)
+        )
         tab = table(new_objects, inst)
-        times["tab_new"] += (tb := best_s(lambda: table(new_objects, inst), args.repeats, clock))
+        times["tab_new"] += (tb := best_s(partial(table, new_objects, inst), args.repeats, clock))
         per_tile.append((name, inst.n, pp, tb))
         if base is not None:
             old_pp, old_obj = base
             old_params = old_pp.PostprocessParams.from_json(params.to_json())
             old_inst = old_pp.postprocess(sem, tl, old_params)
             times["pp_old"] += best_s(
-                lambda: old_pp.postprocess(sem, tl, old_params), args.repeats, clock
+                partial(old_pp.postprocess, sem, tl, old_params), args.repeats, clock
             )
             old_tab = table(old_obj, inst)
-            times["tab_old"] += best_s(lambda: table(old_obj, inst), args.repeats, clock)
+            times["tab_old"] += best_s(partial(table, old_obj, inst), args.repeats, clock)
             same &= bool(
                 np.array_equal(old_inst.labels, inst.labels)
                 and np.array_equal(old_inst.classes, inst.classes)
@@ -284,7 +290,10 @@ def main() -> None:
         old_txt = f"{n_nuclei / old:9,.0f} nuc/s" if old else f"{'-':>15s}"
         ratio = f"{old / new:8.1f}x" if old else ""
         print(f"  {label:22s} {old_txt:>16s} {n_nuclei / new:9,.0f} nuc/s {ratio:>9s}")
-    print("per tile (now): " + ", ".join(f"{nm}: {k} nuclei {k / (a + b):,.0f}/s" for nm, k, a, b in per_tile))
+    print(
+        "per tile (now): "
+        + ", ".join(f"{nm}: {k} nuclei {k / (a + b):,.0f}/s" for nm, k, a, b in per_tile)
+    )
     if base is not None:
         hd = np.concatenate(hausdorff)
         print(f"same instances, classes, probabilities and ids as {args.baseline}: {same}")

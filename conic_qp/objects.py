@@ -5,8 +5,24 @@ of a region covers ``[c, c+1) x [r, r+1)``, so its centre is ``(c + 0.5, r + 0.5
 at ``scale`` level-0 px per region px with its top-left at ``origin_xy`` maps region point
 ``(x, y)`` to ``origin + scale * (x, y)``.
 
-Ids are uuid5 strings of the image id and the level-0 centroid (2 decimals): re-running the same
-model on the same slide gives the same ids (idempotent QuPath imports), two slides never share one.
+Outlines: all instances of a label map are traced in one pass (:func:`outline_polygons`): the
+polygon through the midpoints of an instance's boundary pixel sides, which is the contour
+``skimage.measure.find_contours(mask, 0.5)`` draws between inside and outside pixel centres,
+then Douglas-Peucker simplified (``simplify``), mapped to level 0 and rounded to 0.01 px as the
+GeoJSON writes it.
+
+Measurements are those QuPath makes on that outline polygon (:func:`shape_measurements`), so
+conic-qp's table and QuPath's measurement table agree: ``area_px`` / ``area_um2`` are the
+polygon's area (level-0 px^2 / um^2; QuPath ``Nucleus: Area µm^2``), ``perimeter_um`` its
+length, ``circularity`` 4 pi area / perimeter^2, ``solidity`` area / convex-hull area,
+``max_caliper_um`` / ``min_caliper_um`` its Feret diameters, ``eccentricity`` that of the ellipse
+with the polygon's second moments. ``mask_area_px`` is the instance's pixel count in level-0
+px^2 (pixels x scale^2); the outline cuts 1/8 px^2 per convex corner, so it is ~1 % larger than
+``area_px`` for typical nuclei.
+
+Ids are uuid5 strings of the image id and the level-0 centroid of the pixels (2 decimals):
+re-running the same model on the same slide gives the same ids (idempotent QuPath imports), two
+slides never share one.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Runs ``conic_qp/models/demo-consep`` on tiles of CMU-1-Small-Region.svs at 0.5 u
 engine's read box (512 px tile + 64 px halo per side = 640 x 640), as one batch (the engine sends
 all TTA passes of a batch together), through :func:`conic_qp.tta.predict_probabilities`:
 
-* torch eager, NCHW float32 (the engine's plain network: the baseline);
-* torch eager, channels-last float32 (``--runtime torch``);
+* torch eager, NCHW float32 (``--runtime torch``, the engine's plain network: the baseline);
+* torch eager, channels-last float32;
 * torch eager, channels-last bfloat16 autocast (when the CPU has bf16 instructions);
 * ONNX Runtime, float32 (``--runtime onnx``);
 * OpenVINO, float32 (``--runtime openvino``) and bfloat16 (for comparison; not offered).
@@ -71,6 +71,18 @@ def cmu1_tiles(n: int) -> np.ndarray:
     return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(255).numpy()
 
 
+class ChannelsLast(nn.Module):
+    """PyTorch eager with channels-last tensors (oneDNN's preferred layout on CPU)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x.contiguous(memory_format=torch.channels_last))
+        return {k: v.contiguous() for k, v in out.items()}
+
+
 class Bf16(nn.Module):
     """Channels-last torch under CPU bfloat16 autocast."""
 
@@ -117,9 +129,9 @@ def variants(net: nn.Module) -> Iterator[tuple[str, Callable[[], nn.Module]]]:
     import copy
 
     yield "torch NCHW fp32 (baseline)", lambda: net
-    yield "torch channels-last fp32", lambda: cpu_network(copy.deepcopy(net), "torch")
+    yield "torch channels-last fp32", lambda: ChannelsLast(copy.deepcopy(net))
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        yield "torch channels-last bf16", lambda: Bf16(cpu_network(copy.deepcopy(net), "torch"))
+        yield "torch channels-last bf16", lambda: Bf16(ChannelsLast(copy.deepcopy(net)))
     avail = available_runtimes()
     if "onnx" in avail:
         yield "onnxruntime fp32", lambda: cpu_network(net, "onnx")

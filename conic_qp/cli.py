@@ -379,6 +379,9 @@ def tune_cmd(
 )
 @click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]),
+              default="auto", show_default=True, envvar="CONIC_QP_RUNTIME",
+              help="CPU inference: auto = OpenVINO, else ONNX Runtime when installed, else torch.")  # fmt: skip
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option(
     "--workers", type=int, default=2, show_default=True, help="Post-processing processes."
@@ -412,6 +415,7 @@ def annotate_cmd(
     backend: str,
     object_type: str,
     device: str,
+    runtime: str,
     batch_size: int,
     workers: int,
     tta: int,
@@ -459,6 +463,7 @@ def annotate_cmd(
         object_type=object_type,  # type: ignore[arg-type]
     )
     models = load_models(paths, device=device, thresholds=thresholds)
+    models = _with_runtime(models, runtime)
     selection = [s.strip() for s in images.split(",") if s.strip()] if images else None
     with Progress(
         TextColumn("{task.description}"),
@@ -611,6 +616,9 @@ def composition_cmd(
 @click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes TTA reproducible.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N] or mps.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]),
+              default="auto", show_default=True, envvar="CONIC_QP_RUNTIME",
+              help="CPU inference: auto = OpenVINO, else ONNX Runtime when installed, else torch.")  # fmt: skip
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Tiles per network step (and images per forward pass).")  # fmt: skip
 @click.option("--workers", type=int, default=None,
@@ -638,6 +646,7 @@ def predict_cmd(
     no_mc_dropout: bool,
     seed: int,
     device: str,
+    runtime: str,
     batch_size: int,
     workers: int | None,
     amp: bool,
@@ -701,6 +710,7 @@ def predict_cmd(
     )
     dev = resolve_device(device)
     models = load_models(model_paths, device=dev, thresholds=thresholds)
+    models = _with_runtime(models, runtime, compile_models)
 
     with _PredictProgress(len(paths), disabled=quiet) as progress:
         batch = predict_paths(
@@ -812,6 +822,20 @@ def _render_scores(result: EvaluationResult) -> RenderableType:
     for name, pq in result.pq_per_class.items():
         per_class.add_row(name, _fmt(pq), _fmt(result.r2_per_class[name]))
     return Group(summary, per_class)
+
+
+def _with_runtime(models: Any, runtime: str, compiled: bool = False) -> Any:
+    """The model set with its networks run by ``--runtime`` (see conic_qp.runtime)."""
+    import dataclasses
+
+    from conic_qp.runtime import apply_runtime
+
+    if compiled and runtime == "auto":
+        runtime = "torch"  # torch.compile compiles torch networks
+    networks = apply_runtime(models.networks, runtime)
+    if compiled and any(a is not b for a, b in zip(networks, models.networks, strict=True)):
+        raise ConicQPError("--compile works with --runtime torch only")
+    return dataclasses.replace(models, networks=networks)
 
 
 def _bundled_model() -> str:

@@ -4,8 +4,7 @@
 the inference engine (:func:`conic_qp.tta.predict_probabilities`) uses it unchanged: TTA passes
 still arrive as one batch per call. Runtimes:
 
-- ``"torch"``: PyTorch eager in channels-last memory format (same numbers as the plain network
-  within float32 rounding, ~2x faster on CPU than the default layout);
+- ``"torch"``: the network itself (PyTorch eager; the only choice on a GPU);
 - ``"onnx"``: ONNX Runtime (``pip install onnxruntime onnx onnxscript``);
 - ``"openvino"``: OpenVINO (``pip install conic-qp[cpu-fast]``), fastest on x86 CPUs.
 
@@ -112,40 +111,34 @@ def cpu_network(
     threads: int | None = None,
     cache: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
-    """``net`` run by ``runtime`` (see the module docstring); ``torch`` wraps it in channels-last.
+    """``net`` run by ``runtime``: itself for ``torch``, else an :class:`ExportedNetwork`.
 
     ``threads`` defaults to ``torch.get_num_threads()``.
     """
     if runtime == "torch":
-        return ChannelsLastNetwork(net)
+        return net
     if runtime not in ("onnx", "openvino"):
         raise ConicQPError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     return ExportedNetwork(net, runtime, threads=threads, cache=cache)  # type: ignore[arg-type]
 
 
-def apply_runtime(networks: Sequence[nn.Module], runtime: str, device: Any) -> list[nn.Module]:
-    """Wrap every network of an ensemble for ``runtime`` (``auto`` chooses, see
-    :func:`resolve_runtime`); networks on a GPU are returned as they are for ``torch``."""
-    name = resolve_runtime(runtime, device)
-    if torch.device(device).type != "cpu":
-        return list(networks)
-    log.info("CPU inference runtime: %s", name)
-    return [cpu_network(n, name) for n in networks]
+def network_device(net: nn.Module) -> torch.device:
+    """Device of a network's first parameter or buffer (CPU when it has none)."""
+    for t in (*net.parameters(), *net.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
-# ------------------------------------------------------------------------------- torch
-
-
-class ChannelsLastNetwork(nn.Module):
-    """PyTorch eager with channels-last tensors (oneDNN's fast layout on CPU)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.net(x.contiguous(memory_format=torch.channels_last))
-        return {k: v.contiguous() for k, v in out.items()}
+def apply_runtime(networks: Sequence[nn.Module], runtime: str) -> list[nn.Module]:
+    """The networks of an ensemble, each run by ``runtime`` (``auto``: see
+    :func:`resolve_runtime`); networks on a GPU stay as they are (``auto`` or ``torch``)."""
+    out = []
+    for net in networks:
+        name = resolve_runtime(runtime, network_device(net))
+        if name != "torch":
+            log.info("CPU inference runtime: %s", name)
+        out.append(cpu_network(net, name))
+    return out
 
 
 # ---------------------------------------------------------------------------- exported
@@ -175,13 +168,15 @@ _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 class _MaskDropout(nn.Module):
     """Stands in for a dropout layer during export: multiplies by mask input ``index``."""
 
+    owner: _MaskedNet
+
     def __init__(self, owner: _MaskedNet, index: int) -> None:
         super().__init__()
         self.index = index
         object.__setattr__(self, "owner", owner)  # not a submodule (no cycle)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.owner.masks[self.index]  # type: ignore[attr-defined]
+        return x * self.owner.masks[self.index]
 
 
 class _MaskedNet(nn.Module):

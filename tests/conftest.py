@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CLI runs use the plain torch network unless a test asks for another runtime (an export takes
+# ~20 s and would be repeated for every tiny random test model)
+os.environ.setdefault("CONIC_QP_RUNTIME", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CONIC_QP_SHARED_DATA", REPO.parent / "shared" / "data"))

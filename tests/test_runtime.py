@@ -219,3 +219,40 @@ def test_mask_layers_of_the_bundled_architecture() -> None:
             assert shape == (1, 1, 1, 1)
         else:
             assert shape[0] == 1 and shape[1] > 1 and shape[2:] == (1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPORTED[-1:])
+def test_predict_cli_with_an_exported_runtime(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from conic_qp.cli import main
+    from conic_qp.sinks.tables import read_table
+    from conic_qp.synthetic import synthetic_slide_image
+    from tests.helpers_models import make_tiny_checkpoint
+    from tests.helpers_slides import write_pyramidal_tiff
+
+    monkeypatch.setenv("CONIC_QP_CACHE", str(tmp_path / "cache"))
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
+    img = synthetic_slide_image(224, 256, seed=0, tissue_fraction=0.7).image
+    write_pyramidal_tiff(tmp_path / "a.tif", img, mpp=0.5, levels=2)
+    common = ["--model", str(ckpt), "--tta", "2", "--device", "cpu", "--workers", "0"]
+    common += ["--tile-size", "128", "--halo", "32", "--batch-size", "2"]
+
+    def predict(out: str, *extra: str) -> tuple[int, str]:
+        args = ["predict", str(tmp_path / "a.tif"), "-o", str(tmp_path / out), *common, *extra]
+        result = CliRunner().invoke(main, args)
+        return result.exit_code, result.output
+
+    assert predict("torch", "--runtime", "torch", "--no-mc-dropout")[0] == 0
+    assert predict(name, "--runtime", name, "--no-mc-dropout")[0] == 0
+    assert any((tmp_path / "cache").rglob("*-plain.onnx"))
+    a = read_table(tmp_path / "torch" / "a.nuclei.parquet")
+    b = read_table(tmp_path / name / "a.nuclei.parquet")
+    assert len(a) > 5
+    # outputs agree to ~1e-5: the same nuclei (same pixels, hence the same ids) come out
+    assert len(set(a["id"]) & set(b["id"])) >= 0.95 * max(len(a), len(b))
+    code, text = predict("x", "--runtime", name, "--compile")
+    assert code == 2 and "--runtime torch" in text

@@ -1,8 +1,8 @@
 """CPU inference runtimes for the bundled model, in one run on the same real tiles.
 
-Runs ``conic_qp/models/demo-consep`` on tiles of CMU-1-Small-Region.svs at 0.5 um/px, each the
-engine's read box (512 px tile + 64 px halo per side = 640 x 640), as one batch (the engine sends
-all TTA passes of a batch together), through :func:`conic_qp.tta.predict_probabilities`:
+Runs ``conic_qp/models/demo-consep`` on tissue tiles of CMU-1-Small-Region.svs at 0.5 um/px, each
+a network input of the engine (``--size``, default the 512 px tile), as one batch (the engine
+sends all TTA passes of a batch together), through :func:`conic_qp.tta.predict_probabilities`:
 
 * torch eager, NCHW float32 (``--runtime torch``, the engine's plain network: the baseline);
 * torch eager, channels-last float32;
@@ -51,20 +51,19 @@ from conic_qp.runtime import available_runtimes, cpu_network  # noqa: E402
 from conic_qp.tta import TTAConfig, predict_probabilities  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-SIZE = 640
 
 
-def cmu1_tiles(n: int) -> np.ndarray:
-    """The ``n`` CMU-1 read boxes with most tissue, (n, 3, 640, 640) float RGB in [0, 1]."""
+def cmu1_tiles(n: int, size: int) -> np.ndarray:
+    """The ``n`` CMU-1 tiles with most tissue, (n, 3, size, size) float RGB in [0, 1]."""
     from conic_qp.slides import open_slide
 
     with open_slide(SHARED / "slides" / "CMU-1-Small-Region.svs") as slide:
         f = 0.5 / slide.mpp
         w0, h0 = slide.dimensions
         crops = []
-        for y in range(0, int(h0 / f) - SIZE + 1, SIZE // 2):
-            for x in range(0, int(w0 / f) - SIZE + 1, SIZE // 2):
-                rgb = slide.read((x * f, y * f, SIZE * f, SIZE * f), 0.5, size=(SIZE, SIZE))
+        for y in range(0, int(h0 / f) - size + 1, size // 2):
+            for x in range(0, int(w0 / f) - size + 1, size // 2):
+                rgb = slide.read((x * f, y * f, size * f, size * f), 0.5, size=(size, size))
                 crops.append((float((rgb.mean(axis=2) < 200).mean()), rgb))
     crops.sort(key=lambda c: -c[0])
     rgb = np.stack([np.array(c[1]) for c in crops[:n]])
@@ -162,6 +161,7 @@ def agreement(params: object, ref: dict, out: dict) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=4)
+    ap.add_argument("--size", type=int, default=512, help="network input edge (px)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="thread counts to time")
     ap.add_argument("--mc-passes", type=int, default=8, help="0 skips the MC-dropout round")
@@ -173,10 +173,10 @@ def main() -> None:
     assert path is not None, "the bundled model is missing"
     models = load_models([path])
     net = models.networks[0].eval()
-    x = torch.from_numpy(cmu1_tiles(args.tiles))
+    x = torch.from_numpy(cmu1_tiles(args.tiles, args.size))
     threads = [int(t) for t in args.threads.split(",")]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print(f"tiles: {args.tiles} CMU-1 read boxes of {SIZE}x{SIZE} at 0.5 um/px, one batch")
+    print(f"tiles: {args.tiles} CMU-1 tiles of {args.size}x{args.size} at 0.5 um/px, one batch")
 
     torch.set_num_threads(threads[-1])
     ref = run(net, x)

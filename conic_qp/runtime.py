@@ -424,6 +424,7 @@ class ExportedNetwork(nn.Module):
             "INFERENCE_NUM_THREADS": self.threads,
             "INFERENCE_PRECISION_HINT": "f32",  # bf16 would be faster but moves outputs by ~0.1
             "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,  # pinned threads crawl on a shared machine
             "CACHE_DIR": str(self.cache / "openvino"),
         }
         model = core.read_model(str(path))

@@ -10,7 +10,8 @@ sends all TTA passes of a batch together), through :func:`conic_qp.tta.predict_p
 * ONNX Runtime, float32 (``--runtime onnx``);
 * OpenVINO, float32 (``--runtime openvino``) and bfloat16 (for comparison; not offered).
 
-For each: seconds per tile (best of ``--repeats``) at 1 thread and at all cores, the largest
+For each: seconds per tile (best of ``--repeats``, timed round robin over the runtimes so load
+changes hit all alike) at 1 thread and at all cores, the largest
 probability difference from the baseline, and the instances matched at IoU > 0.5 after
 post-processing (the adoption criterion: >= 99 %). An MC-dropout round (``--mc-passes`` passes
 of one tile) checks that the exported graph's MC dropout agrees with PyTorch's as closely as two
@@ -28,7 +29,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
-import contextlib
 import platform
 import sys
 import time
@@ -162,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=4)
     ap.add_argument("--size", type=int, default=512, help="network input edge (px)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="thread counts to time")
     ap.add_argument("--mc-passes", type=int, default=8, help="0 skips the MC-dropout round")
     args = ap.parse_args()
@@ -180,24 +180,30 @@ def main() -> None:
 
     torch.set_num_threads(threads[-1])
     ref = run(net, x)
-    rows = []
+    made = []
     for name, make in variants(net):
         t0 = time.perf_counter()
         model = make()
         out = run(model, x)  # exports (first run) and warms up
         setup = time.perf_counter() - t0
-        matched, diff = agreement(models.params, ref, out)
-        timing = []
-        for nt in threads:
-            torch.set_num_threads(nt)
+        made.append((name, model, *agreement(models.params, ref, out), setup))
+    best: dict[tuple[str, int], float] = {}
+    for nt in threads:
+        torch.set_num_threads(nt)
+        for _, model, *_rest in made:
             for m in model.modules():  # the exported runtimes read threads when created
                 if hasattr(m, "threads") and hasattr(m, "_graphs"):
                     m.threads, m._graphs = nt, {}
-            with contextlib.suppress(Exception):
-                run(model, x)
-            best = min(_timed(partial(run, model, x)) for _ in range(args.repeats))
-            timing.append(best / args.tiles)
-        rows.append((name, timing, matched, diff, setup))
+            run(model, x)  # warm-up at this thread count
+        # round robin, so that the machine's load changes hit every runtime alike
+        for _ in range(args.repeats):
+            for name, model, *_rest in made:
+                t = _timed(partial(run, model, x)) / args.tiles
+                best[(name, nt)] = min(best.get((name, nt), np.inf), t)
+    rows = [
+        (name, [best[(name, nt)] for nt in threads], matched, diff, setup)
+        for name, _, matched, diff, setup in made
+    ]
     base = rows[0][1]
     head = "  ".join(f"{f'{t} thr s/tile':>13s} {'x':>5s}" for t in threads)
     print(f"{'runtime':28s} {head}  {'matched':>8s} {'max |dp|':>9s} {'setup s':>8s}")

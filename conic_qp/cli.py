@@ -625,9 +625,22 @@ def composition_cmd(
               help="Post-processing processes (default: CPU cores - 1, at most 8; 0 = inline).")  # fmt: skip
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
 @click.option("--compile", "compile_models", is_flag=True, help="torch.compile the networks.")
-@click.option("--tile-size", type=int, default=512, show_default=True, help="Tile edge (px).")
-@click.option("--halo", type=int, default=64, show_default=True,
-              help="Tile overlap per side (px at the model's um/px).")  # fmt: skip
+@click.option("--tile-size", type=int, default=512, show_default=True,
+              help="Network tile edge (px at the model's um/px, a multiple of 32).")  # fmt: skip
+@click.option("--overlap", type=int, default=128, show_default=True,
+              help="Px shared by neighbouring tiles (a multiple of 32).")  # fmt: skip
+@click.option("--window", "blend_window", type=click.Choice(["gaussian", "constant", "crop"]),
+              default="gaussian", show_default=True,
+              help="How overlapping tiles are blended (crop = nearest tile, no blending).")  # fmt: skip
+@click.option("--se-window", default="288", show_default=True, metavar="PX|global",
+              help="Squeeze-excitation window (odd multiple of 32 px) so results do not depend "
+              "on the tiling; 'global' = as trained.")  # fmt: skip
+@click.option("--block-size", type=int, default=1024, show_default=True,
+              help="Post-processing block (px); --block-margin of context around it.")  # fmt: skip
+@click.option("--block-margin", type=int, default=64, show_default=True,
+              help="Context around each block (px); above the largest nucleus.")  # fmt: skip
+@click.option("--halo", type=int, default=None, hidden=True,
+              help="Deprecated: overlap = 2 x halo.")  # fmt: skip
 @click.option("--no-tissue", is_flag=True, help="Run every tile (no tissue detection).")
 @click.option("--save-labels", is_flag=True, help="Also write the instance label map (zarr).")
 @click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
@@ -652,7 +665,12 @@ def predict_cmd(
     amp: bool,
     compile_models: bool,
     tile_size: int,
-    halo: int,
+    overlap: int,
+    blend_window: str,
+    se_window: str,
+    block_size: int,
+    block_margin: int,
+    halo: int | None,
     no_tissue: bool,
     save_labels: bool,
     object_type: str,
@@ -696,6 +714,11 @@ def predict_cmd(
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     settings = PredictSettings(
         tile_size=tile_size,
+        overlap=overlap,
+        window=blend_window,  # type: ignore[arg-type]
+        se_window=_parse_se_window(se_window),
+        block_size=block_size,
+        block_margin=block_margin,
         halo=halo,
         batch_size=batch_size,
         tta=TTAConfig(passes=tta_passes, mc_dropout=not no_mc_dropout),
@@ -732,6 +755,17 @@ def predict_cmd(
         for key, msg in failures.items():
             console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _parse_se_window(text: str) -> int | None:
+    if text.strip().lower() == "global":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConicQPError(
+            f"--se-window {text!r} must be a number of px (e.g. 288) or 'global'"
+        ) from None
 
 
 def _parse_roi(text: str) -> tuple[float, ...]:

@@ -116,26 +116,47 @@ class PassPlan:
 def plan_passes(
     config: TTAConfig, n_images: int, rng: np.random.Generator, square: bool = True
 ) -> list[list[PassPlan]]:
-    """Draw the augmentation of every (pass, image); pass 0 is the identity.
+    """Draw the augmentation of every (pass, image) from one generator; pass 0 is the identity.
 
     Non-square inputs only get the transforms that keep their shape (flips and half turns).
     """
-    plans: list[list[PassPlan]] = [[PassPlan(0, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))] * n_images]
+    plans: list[list[PassPlan]] = [[_IDENTITY] * n_images]
     for _ in range(1, config.passes):
-        row = []
-        for _ in range(n_images):
-            k = int(rng.integers(8)) if config.dihedral else 0
-            if not square:
-                k -= k % 2
-            contrast = 1.0 + rng.normal(0.0, config.hed_sigma, 3)
-            intensity = 1.0 + rng.uniform(-config.intensity, config.intensity)
-            scale = np.clip(contrast * intensity, 0.5, 1.5)
-            scale[2] = 1.0  # the DAB channel of H&E is noise; leave it
-            bias = rng.normal(0.0, config.hed_bias, 3)
-            bias[2] = 0.0
-            row.append(PassPlan(k, tuple(float(v) for v in scale), tuple(float(v) for v in bias)))  # type: ignore[arg-type]
-        plans.append(row)
+        plans.append([_draw_pass(config, rng, square) for _ in range(n_images)])
     return plans
+
+
+def plan_image_passes(
+    config: TTAConfig, seeds: Sequence[int], square: bool = True
+) -> list[list[PassPlan]]:
+    """Like :func:`plan_passes`, with image ``i``'s passes drawn from its own seed ``seeds[i]``.
+
+    An image then gets the same augmentations whatever batch it is run in (the engine seeds by
+    tile), so results do not depend on the batch size or on which tiles ran before.
+    """
+    columns = []
+    for seed in seeds:
+        rng = np.random.default_rng(int(seed))
+        columns.append(
+            [_IDENTITY] + [_draw_pass(config, rng, square) for _ in range(1, config.passes)]
+        )
+    return [[col[p] for col in columns] for p in range(config.passes)]
+
+
+_IDENTITY = PassPlan(0, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+
+def _draw_pass(config: TTAConfig, rng: np.random.Generator, square: bool) -> PassPlan:
+    k = int(rng.integers(8)) if config.dihedral else 0
+    if not square:
+        k -= k % 2
+    contrast = 1.0 + rng.normal(0.0, config.hed_sigma, 3)
+    intensity = 1.0 + rng.uniform(-config.intensity, config.intensity)
+    scale = np.clip(contrast * intensity, 0.5, 1.5)
+    scale[2] = 1.0  # the DAB channel of H&E is noise; leave it
+    bias = rng.normal(0.0, config.hed_bias, 3)
+    bias[2] = 0.0
+    return PassPlan(k, tuple(float(v) for v in scale), tuple(float(v) for v in bias))  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -145,6 +166,8 @@ def predict_probabilities(
     config: TTAConfig = TTAConfig(),
     seed: int | None = None,
     amp: bool = False,
+    *,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Average softmax outputs over TTA passes and ensemble members.
 
@@ -155,6 +178,8 @@ def predict_probabilities(
     config : passes and augmentations.
     seed : makes the augmentations and the dropout masks reproducible.
     amp : run the network under CUDA autocast (float16).
+    seeds : one seed per image for its augmentations (see :func:`plan_image_passes`); the
+        dropout masks still come from ``seed``.
 
     Returns
     -------
@@ -171,12 +196,19 @@ def predict_probabilities(
     b = images.shape[0]
     sums: dict[str, torch.Tensor] = {}
     n_total = 0
-    for model in models:
+    for m, model in enumerate(models):
         was_training = model.training
         model.eval()
         set_mc_dropout(model, config.mc_dropout)
         try:
-            plans = plan_passes(config, b, rng, square=images.shape[-1] == images.shape[-2])
+            square = images.shape[-1] == images.shape[-2]
+            if seeds is not None:
+                if len(seeds) != b:
+                    raise ValueError(f"{len(seeds)} seeds for {b} images")
+                # ensemble members get different augmentations: offset the seeds per member
+                plans = plan_image_passes(config, [int(s) + 7919 * m for s in seeds], square)
+            else:
+                plans = plan_passes(config, b, rng, square=square)
             jobs = [(p, i) for p in range(len(plans)) for i in range(b)]
             for start in range(0, len(jobs), config.max_batch):
                 chunk = jobs[start : start + config.max_batch]

@@ -75,9 +75,14 @@ def stand_in_models(h: tuple[float, float] = SYNTH_H, mpp: float = 0.5) -> Model
 
 
 def settings(**kw: object) -> PredictSettings:
+    """Small-slide settings: 128 px tiles, 96 px blocks and 2-tile panels, so a few hundred px
+    exercise tile blending, block ownership and the hand-over between panels."""
     base: dict[str, object] = dict(
         tile_size=128,
-        halo=40,
+        overlap=64,
+        block_size=96,
+        block_margin=40,
+        panel_width=128,
         batch_size=3,
         tta=TTAConfig(passes=1, mc_dropout=False),
         device="cpu",

@@ -1,17 +1,19 @@
 """Whole-slide engine: tiled output equals whole-image output, outputs, ROI, batches, resume.
 
 Seams are tested with :class:`HematoxylinNet`, a fixed "network" whose outputs are a local
-function of the hematoxylin stain (receptive field 5 px, far inside the halo): nuclei are where
-hematoxylin is high, their interior where the smoothed nucleus probability is high, and the class
-is dark vs pale. It computes in float64 and rounds its probabilities away from every threshold,
-so the reference (the whole image at batch 1) and the engine (tiles at batch 3) see identical
-numbers on any processor: the whole-vs-tiled comparison checks geometry (watershed, ownership,
-stitching), not arithmetic. The real ConicNet path runs end to end with a tiny random encoder,
-compared across batch sizes and thread counts with a tolerance for float32 noise.
+function of the hematoxylin stain (receptive field 5 px, inside the part of a tile the blending
+window trusts): nuclei are where hematoxylin is high, their interior where the smoothed nucleus
+probability is high, and the class is dark vs pale. It computes in float64 and rounds its
+probabilities away from every threshold, so the reference (the whole image at batch 1) and the
+engine (tiles at batch 3, blended in float64) see identical numbers on any processor: the
+whole-vs-tiled comparison checks geometry (tiles, blending, block ownership, panels), not
+arithmetic. The real ConicNet path runs end to end with a tiny random encoder, compared across
+tilings, batch sizes and thread counts with tolerances for float32 noise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -24,8 +26,10 @@ import shapely
 import torch
 from skimage.color import hed_from_rgb
 
+from conic_qp.engine import SlideEngine, segment_image
 from conic_qp.errors import ConicQPError
 from conic_qp.metrics import match_instances
+from conic_qp.plan import plan_slide
 from conic_qp.postprocess import PostprocessParams, postprocess
 from conic_qp.predict import (
     ModelSet,
@@ -97,52 +101,108 @@ def synth() -> np.ndarray:
     return synthetic_slide_image(416, 384, seed=3, tissue_fraction=0.6).image
 
 
-@pytest.mark.parametrize(("tile", "halo"), [(128, 40), (192, 48), (256, 64)])
+TILINGS = [
+    # tile, overlap, window, panel width: several panels hand over blended columns
+    (128, 64, "gaussian", 128),
+    (128, 32, "crop", 128),
+    (192, 64, "constant", 192),
+    (256, 128, "gaussian", 4096),
+]
+
+
+@pytest.mark.parametrize(("tile", "overlap", "window", "panel"), TILINGS)
 def test_tiled_equals_whole_image_on_synthetic_slide(
-    synth: np.ndarray, tmp_path: Path, tile: int, halo: int
+    synth: np.ndarray, tmp_path: Path, tile: int, overlap: int, window: str, panel: int
 ) -> None:
     models = stand_in_models()
     whole = whole_image_labels(synth, models)
     src = ImageSource(synth, 0.5, name="synth.png")
-    res = predict_slide(src, models, settings(tile_size=tile, halo=halo), tmp_path)
+    s = settings(tile_size=tile, overlap=overlap, window=window, panel_width=panel)
+    res = predict_slide(src, models, s, tmp_path)
+    assert res.plan is not None and (len(res.plan.panels) > 1) == (panel < 384)
     tiled, attrs = read_labels(res.outputs["labels"])
     table = read_table(res.outputs["table"])
     assert tiled.shape == synth.shape[:2] and attrs["mpp"] == 0.5
     assert_same_instances(whole, tiled, table)
-    # the exact case: a local model and a halo larger than nucleus + receptive field
+    # the exact case: a local model gives exactly the whole-image instances, pixel for pixel
     assert match_instances(whole, tiled).tp == len(np.unique(whole)) - 1
+    np.testing.assert_array_equal(whole > 0, tiled > 0)
     assert res.n_nuclei == len(table) == sum(res.class_counts.values())
 
 
-def test_stand_in_network_is_exact_across_batch_sizes_and_threads(synth: np.ndarray) -> None:
-    """The geometry tests rely on this: the reference and the engine see identical numbers."""
-    net = HematoxylinNet(*SYNTH_H)
-    x = torch.from_numpy(synth[:128, :160]).permute(2, 0, 1)[None].float() / 255
-    batch = torch.cat([x.flip(3), x, x.flip(2)])
-    threads = torch.get_num_threads()
-    try:
-        with torch.no_grad():
-            alone = net(x)
-            torch.set_num_threads(2)
-            batched = net(batch)
-    finally:
-        torch.set_num_threads(threads)
-    for key in ("semantic", "three_label"):
-        assert torch.equal(alone[key][0], batched[key][1]), key
-        # probabilities are products of odd multiples of 1/64: never on a threshold like 0.5
-        p = alone[key].exp() * 64**2
-        assert torch.allclose(p, p.round(), atol=1e-6) and not (p == 0.5 * 64**2).any()
+def test_blended_probabilities_equal_the_whole_image_exactly(synth: np.ndarray) -> None:
+    """Gaussian blending of tiles that agree returns their value bit for bit, across panels."""
+    models = stand_in_models()
+    s = settings(tissue_detection=False)
+    h, w = synth.shape[:2]
+    x = torch.from_numpy(synth).permute(2, 0, 1)[None].float().div_(255.0)
+    with torch.no_grad():
+        out = models.networks[0](x)
+    sem = torch.softmax(out["semantic"].float(), 1)[0].numpy()
+    three = torch.softmax(out["three_label"].float(), 1)[0].numpy()
+    src = ImageSource(synth, 0.5, name="synth.png")
+    plan = plan_slide(src, 0.5, s)
+    assert len(plan.panels) == 3
+    seen = np.zeros((h, w), bool)
+    for b in SlideEngine(src, plan, models, s).blended():
+        c = b.block.context
+        np.testing.assert_array_equal(b.semantic, sem[:, c.y0 : c.y1, c.x0 : c.x1])
+        np.testing.assert_array_equal(b.three_label, three[:, c.y0 : c.y1, c.x0 : c.x1])
+        seen[c.slices] = True
+    assert seen.all()
 
 
-def test_too_small_halo_fails_the_whole_vs_tiled_check(synth: np.ndarray, tmp_path: Path) -> None:
-    """The check above can fail: without a halo nuclei on core seams are cut in two."""
+def test_engine_is_an_iterator_of_owned_blocks(synth: np.ndarray, tmp_path: Path) -> None:
+    """Consumed in memory, the engine gives what predict_slide writes, block by block."""
+    models = stand_in_models()
+    src = ImageSource(synth, 0.5, name="synth.png")
+    s = settings()
+    plan = plan_slide(src, models.mpp, s)
+    engine = SlideEngine(src, plan, models, s, want_labels=True)
+    blocks = list(engine)
+    assert len(blocks) == engine.n_blocks > 10
+    offsets = [b.label_offset for b in blocks]
+    assert offsets == list(np.cumsum([0] + [b.n for b in blocks[:-1]]))
+    ids = [i for b in blocks for i in b.table["id"]]
+    assert len(ids) == len(set(ids)) == engine.n_nuclei
+    for b in blocks:  # each block's nuclei have their reference point in its core
+        core = b.block.core
+        cx = (b.table["centroid_x"] - 0.5).to_numpy()  # level-0 = model px here
+        assert ((cx >= core.x0 - 1) & (cx < core.x1 + 1)).all()
+        assert b.labels is not None and b.labels.shape == b.block.context.shape
+        assert b.labels.max(initial=0) == b.n
+    written = read_table(predict_slide(src, models, s, tmp_path).outputs["table"])
+    assert list(written["id"]) == ids
+    assert engine.tiles_done == len(plan.selected)
+    assert set(engine.stats) >= {"read_s", "network_s", "blend_s", "postprocess_s", "wait_s"}
+
+
+def test_too_small_block_margin_fails_the_whole_vs_tiled_check(
+    synth: np.ndarray, tmp_path: Path
+) -> None:
+    """The check above can fail: without a margin, nuclei on block seams are cut in two."""
     models = stand_in_models()
     whole = whole_image_labels(synth, models)
     src = ImageSource(synth, 0.5, name="synth.png")
-    res = predict_slide(src, models, settings(tile_size=64, halo=0), tmp_path)
+    res = predict_slide(src, models, settings(block_size=48, block_margin=0), tmp_path)
     tiled, _ = read_labels(res.outputs["labels"])
     with pytest.raises(AssertionError):
         assert_same_instances(whole, tiled, read_table(res.outputs["table"]))
+    run = json.loads(res.outputs["run"].read_text())
+    assert run["blending"]["nuclei_touching_block_edges"] > 0
+
+
+def test_image_smaller_than_a_tile_is_one_tile_of_its_own_size() -> None:
+    """Labelled tiles (e.g. 128 px CoNIC/CoNSeP tiles) are smaller than the network tile."""
+    image = synthetic_slide_image(100, 90, seed=7, tissue_fraction=0.9).image
+    models = stand_in_models()
+    labels, table = segment_image(image, 0.5, models, settings(tile_size=512, overlap=128))
+    whole = whole_image_labels(image, models)
+    assert labels.shape == (100, 90)
+    n = len(np.unique(whole)) - 1
+    assert n > 3 and match_instances(whole, labels).tp == n and len(table) == n
+    plan = plan_slide(ImageSource(image, 0.5), 0.5, settings(tile_size=512, tissue_detection=False))
+    assert plan.tiles.tile_shape == (128, 96) and len(plan.selected) == 1
 
 
 def test_tiled_equals_whole_image_when_slide_is_resampled(tmp_path: Path) -> None:
@@ -224,7 +284,12 @@ def test_outputs_run_json_and_geojson(synth: np.ndarray, tmp_path: Path) -> None
     assert run["complete"] is True and run["nuclei"] == len(table)
     assert run["class_counts"] == table["class_name"].value_counts().to_dict()
     assert run["settings"]["tile_size"] == 128 and run["settings"]["tta"]["passes"] == 1
-    assert {"read_s", "network_s", "postprocess_s", "write_s", "total_s"} <= set(run["timings"])
+    assert run["version"] == 2 and run["blending"]["window"] == "gaussian"
+    assert run["settings"]["overlap"] == 64 and run["settings"]["se_window"] == 288
+    assert run["grid"]["panels"] == 3 and run["grid"]["tiles_run"] == res.n_tiles
+    assert {"read_s", "network_s", "blend_s", "postprocess_s", "write_s", "total_s"} <= set(
+        run["timings"]
+    )
     assert run["slide"]["mpp"] == 0.5 and run["model_mpp"] == 0.5
     # Densities are per tissue area: the synthetic slide is partly glass.
     w, h = run["slide"]["dimensions"]
@@ -362,6 +427,42 @@ def test_conicnet_results_survive_batch_size_and_thread_changes(
         assert stats.tp >= 0.97 * n and stats.fp <= 0.03 * n, (stats, n)
 
 
+def test_conicnet_tiled_equals_whole_image_up_to_float_noise(tiny_ckpt: Path) -> None:
+    """The real network, tiled vs one whole-image tile.
+
+    The tiny ConicNet's output near a tile edge differs from the whole-image output (its
+    convolutions pad with zeros); measured on it, the difference falls below 1e-6 (float32
+    noise) beyond ~100 px from the edge. With 256 px tiles overlapping by 192 px and the crop
+    window every pixel comes from a tile in which it lies >= 96 px from any inner edge, so the
+    tiled probabilities equal the whole-image ones up to float noise (tolerance 2e-5; the
+    conv algorithms differ between the two input shapes), and so do the instances but for a
+    pixel or two at a threshold. The same check with tiles that do not overlap (but for the last,
+    flush one: pixels down to 32 px from an edge, difference ~5e-4) fails: the tolerance is
+    tight enough to see the tiling.
+    """
+    models = load_models([tiny_ckpt], device="cpu")
+    img = synthetic_slide_image(448, 416, seed=4, tissue_fraction=0.8).image
+    big = settings(block_size=512, block_margin=64, panel_width=512)  # one block: tiling alone
+    whole_s = settings(tile_size=448, overlap=0, block_size=512, panel_width=448)
+
+    def probabilities(s: PredictSettings) -> np.ndarray:
+        src = ImageSource(img, 0.5, name="x.png")
+        s = dataclasses.replace(s, tissue_detection=False)
+        (blended,) = list(SlideEngine(src, plan_slide(src, 0.5, s), models, s).blended())
+        return np.concatenate([blended.semantic, blended.three_label])
+
+    whole = probabilities(whole_s)
+    near = dataclasses.replace(big, tile_size=256, overlap=192, window="crop")
+    assert np.abs(probabilities(near) - whole).max() < 2e-5
+    far = dataclasses.replace(big, tile_size=256, overlap=0, window="crop")
+    assert np.abs(probabilities(far) - whole).max() > 1e-4
+    lab_whole, _ = segment_image(img, 0.5, models, whole_s)
+    lab_tiled, _ = segment_image(img, 0.5, models, near)
+    n = len(np.unique(lab_whole)) - 1
+    stats = match_instances(lab_whole, lab_tiled)
+    assert n > 20 and stats.tp >= 0.99 * n and stats.fp <= 0.01 * n, (stats, n)
+
+
 def test_expand_inputs_folders_globs_and_lists(tmp_path: Path) -> None:
     (tmp_path / "a.svs").write_bytes(b"x")
     (tmp_path / "b.tiff").write_bytes(b"x")
@@ -382,8 +483,15 @@ def test_bad_options_are_one_line_errors() -> None:
         roi_from_boxes([(1, 2, 0, 5)])
     with pytest.raises(ConicQPError, match="multiple of 32"):
         PredictSettings(tile_size=100)
-    with pytest.raises(ConicQPError, match="twice the halo"):
-        PredictSettings(tile_size=128, halo=64)
+    with pytest.raises(ConicQPError, match="smaller than the tile"):
+        PredictSettings(tile_size=128, overlap=128)
+    with pytest.raises(ConicQPError, match="multiple of 32"):
+        PredictSettings(overlap=100)
+    with pytest.raises(ConicQPError, match="odd multiple of 32"):
+        PredictSettings(se_window=256)
+    with pytest.raises(ConicQPError, match="panel width"):
+        PredictSettings(panel_width=0)
+    assert PredictSettings(tile_size=256, halo=40).overlap == 96  # the former halo, deprecated
     with pytest.raises(ConicQPError, match="thresholds are for 6 classes"):
         ModelSet([HematoxylinNet(*SYNTH_H)], DARK_PALE, 0.5, PostprocessParams.default(6))
     with pytest.raises(ConicQPError, match="pass --model"):

@@ -16,7 +16,7 @@ from tests.helpers_models import make_tiny_checkpoint
 from tests.helpers_slides import write_pyramidal_tiff
 
 FAST = ["--tta", "1", "--no-mc-dropout", "--device", "cpu", "--workers", "0"]
-TILES = ["--tile-size", "128", "--halo", "32", "--batch-size", "2"]
+TILES = ["--tile-size", "128", "--overlap", "64", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def test_predict_folder_writes_outputs_and_resumes(
         run_json = json.loads((out / f"{stem}.run.json").read_text())
         table = read_table(out / f"{stem}.nuclei.parquet")
         assert run_json["complete"] and run_json["nuclei"] == len(table)
-        assert run_json["settings"]["halo"] == 32 and run_json["settings"]["tta"]["passes"] == 1
+        assert run_json["settings"]["overlap"] == 64 and run_json["settings"]["tta"]["passes"] == 1
+        assert run_json["settings"]["window"] == "gaussian" and run_json["settings"]["se_window"]
         assert run_json["models"][0]["path"] == str(ckpt.resolve())
     assert "2 slide(s) done" in text
 
@@ -93,6 +94,9 @@ def test_roi_thresholds_and_quiet(ckpt: Path, slides: Path, tmp_path: Path) -> N
         (["--model", "/nonexistent/ckpt"], "does not exist"),
         (["--roi", "1,2,3"], "x,y,w,h"),
         (["--tile-size", "100"], "multiple of 32"),
+        (["--overlap", "512"], "smaller than the tile"),
+        (["--se-window", "big"], "--se-window"),
+        (["--se-window", "256"], "odd multiple of 32"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(
@@ -110,6 +114,32 @@ def test_bad_options_give_one_line_and_exit_2(
     code, text = run(str(slides / "b.tif"), "-o", str(tmp_path), *FAST, *extra)
     assert code == 2, text
     assert message in text and len(text.strip().splitlines()) == 1
+
+
+def test_blending_options_reach_the_run_record(ckpt: Path, slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [str(slides / "b.tif"), "--model", str(ckpt), "-o", str(out), *FAST, *TILES]
+    extra = [
+        "--window",
+        "crop",
+        "--se-window",
+        "global",
+        "--block-size",
+        "64",
+        "--block-margin",
+        "32",
+    ]
+    code, text = run(*args, *extra, "-q")
+    assert code == 0, text
+    run_json = json.loads((out / "b.run.json").read_text())
+    assert run_json["blending"] == {
+        "window": "crop", "overlap": 64, "se_window": None, "block_size": 64,
+        "block_margin": 32, "nuclei_touching_block_edges": run_json["blending"]["nuclei_touching_block_edges"],
+    }  # fmt: skip
+    assert run_json["grid"]["blocks_total"] == 16  # 224 x 256 px in 64 px blocks
+    code, _ = run(*args, "--halo", "40", "-q")  # deprecated, still accepted
+    assert code == 0
+    assert json.loads((out / "b.run.json").read_text())["settings"]["overlap"] == 96
 
 
 def test_missing_mpp_fails_that_slide_with_a_hint(ckpt: Path, tmp_path: Path) -> None:

@@ -1,158 +1,168 @@
-"""TileGrid geometry and the ownership rule that makes tiled output equal whole-image output."""
+"""Tile layout, blending windows, block ownership and panels: the geometry of seam-free inference.
+
+No network here: block ownership is checked on label maps of random overlapping disks (the hard
+cases: non-convex and disconnected objects), and blending on per-tile copies of a known field.
+"""
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import numpy as np
 import pytest
 
 from conic_qp.errors import ConicQPError
+from conic_qp.plan import plan_region
 from conic_qp.postprocess import Instances
+from conic_qp.settings import PredictSettings
 from conic_qp.tiling import (
+    BlockGrid,
     Box,
-    TileGrid,
+    TileLayout,
+    axis_origins,
+    axis_weights,
     filter_owned,
-    min_halo,
+    min_margin,
     owned_instances,
     reference_points,
 )
 
-GEOMETRIES = [
-    # (H, W, tile_size, halo)
-    (1, 1, 32, 0),
-    (5, 300, 64, 8),
-    (100, 100, 64, 8),
-    (192, 193, 64, 16),
-    (64, 64, 64, 0),
-    (48, 200, 128, 60),  # core of 8 px, region smaller than a tile vertically
-    (257, 255, 256, 16),
-    (31, 1000, 96, 20),
-]
 
-
-def _random_geometries(n: int, seed: int = 0) -> list[tuple[int, int, int, int]]:
+def _random_layouts(n: int, seed: int = 0) -> list[tuple[int, int, int, int]]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        tile = 32 * int(rng.integers(1, 6))
-        halo = int(rng.integers(0, tile // 2))
-        out.append((int(rng.integers(1, 400)), int(rng.integers(1, 400)), tile, halo))
+        tile = 32 * int(rng.integers(1, 9))
+        overlap = 32 * int(rng.integers(0, tile // 32))
+        out.append((int(rng.integers(1, 700)), int(rng.integers(1, 700)), tile, overlap))
     return out
 
 
-@pytest.mark.parametrize(("h", "w", "tile", "halo"), GEOMETRIES + _random_geometries(40))
-def test_cores_partition_region_and_read_boxes_are_consistent(
-    h: int, w: int, tile: int, halo: int
+LAYOUTS = [
+    (1, 1, 32, 0),
+    (5, 300, 64, 32),
+    (512, 512, 512, 128),
+    (1536, 1536, 512, 128),
+    (700, 1000, 256, 64),
+    (97, 2000, 128, 96),
+    *_random_layouts(30),
+]
+
+
+def test_axis_origins_literal() -> None:
+    assert axis_origins(1536, 512, 384) == (0, 384, 768, 1024)
+    assert axis_origins(1000, 512, 384) == (0, 384, 512)  # last flush with 1024 = ceil32(1000)
+    assert axis_origins(300, 512, 384) == (0,)  # one tile of ceil32(300) = 320 px
+    assert axis_origins(512, 512, 384) == (0,)
+
+
+@pytest.mark.parametrize(("h", "w", "tile", "overlap"), LAYOUTS)
+def test_tiles_stay_on_the_32_px_grid_cover_the_region_and_pad_like_a_whole_image(
+    h: int, w: int, tile: int, overlap: int
 ) -> None:
-    grid = TileGrid((h, w), tile, halo)
-    cover = np.zeros((h, w), dtype=np.int32)
-    assert grid.n_tiles == grid.rows * grid.cols == len(list(grid.tiles()))
-    for i, t in enumerate(grid.tiles()):
-        assert t.index == i and (t.row, t.col) == divmod(i, grid.cols)
-        cover[t.core.slices] += 1
-        r, c, p = t.read, t.core, t.pad
-        # read box inside the region and containing the core plus up to `halo` around it
-        assert 0 <= r.y0 < r.y1 <= h and 0 <= r.x0 < r.x1 <= w
-        assert r.y0 <= c.y0 and c.y1 <= r.y1 and r.x0 <= c.x0 and c.x1 <= r.x1
-        assert r.y0 == max(0, c.y0 - halo) and r.x0 == max(0, c.x0 - halo)
-        assert r.y1 >= min(h, c.y1 + halo) and r.x1 >= min(w, c.x1 + halo)
-        # padding makes a full tile, and the core sits at (halo, halo) of the network input
-        assert p.top + r.height + p.bottom == tile and p.left + r.width + p.right == tile
-        assert min(p) >= 0
-        assert p.top + (c.y0 - r.y0) == halo and p.left + (c.x0 - r.x0) == halo
-        # padding only where the region border clipped the window
-        assert (p.top > 0) == (r.y0 == 0 and c.y0 - halo < 0)
-        assert (p.bottom > 0) <= (r.y1 == h)
-        assert (p.right > 0) <= (r.x1 == w)
+    layout = TileLayout((h, w), tile, overlap)
+    th, tw = layout.tile_shape
+    assert th == min(tile, -(-h // 32) * 32) and tw == min(tile, -(-w // 32) * 32)
+    cover = np.zeros((h, w), np.int32)
+    for t in layout.tiles():
+        b, r = t.box, t.read
+        assert b.y0 % 32 == 0 and b.x0 % 32 == 0 and b.shape == (th, tw)
+        # a tile leaves the region only where a whole-image run is padded too (< 32 px)
+        assert b.y1 <= -(-h // 32) * 32 and b.x1 <= -(-w // 32) * 32
+        assert r == Box(b.y0, b.x0, min(b.y1, h), min(b.x1, w))
+        cover[r.slices] += 1
+    assert cover.min() >= 1
+    # neighbouring tiles overlap by at least `overlap` (more for the last, flush one)
+    for origins in (layout.ys, layout.xs):
+        steps = np.diff(origins)
+        assert (steps <= tile - overlap).all() and (steps > 0).all()
+
+
+@pytest.mark.parametrize("window", ["gaussian", "constant", "crop"])
+@pytest.mark.parametrize(("h", "w", "tile", "overlap"), LAYOUTS[:8])
+def test_every_pixel_gets_positive_total_weight(
+    h: int, w: int, tile: int, overlap: int, window: str
+) -> None:
+    layout = TileLayout((h, w), tile, overlap, window)  # type: ignore[arg-type]
+    total = np.zeros((h, w))
+    for t in layout.tiles():
+        wt = layout.weights(t)
+        assert wt.dtype == np.float32 and wt.shape == layout.tile_shape and wt.min() >= 0
+        total[t.read.slices] += wt[: t.read.height, : t.read.width]
+    assert total.min() > 0
+    if window == "crop":  # a partition: every pixel from exactly one tile
+        np.testing.assert_array_equal(total, 1.0)
+
+
+def test_gaussian_window_is_zero_only_near_inner_edges() -> None:
+    origins = axis_origins(1536, 512, 384)
+    ws = axis_weights(origins, 512, "gaussian", 128)
+    trim = 128 // 4
+    first, middle, last = ws[0], ws[1], ws[-1]
+    assert first[0] > 0 and (first[-trim:] == 0).all() and first[-trim - 1] > 0  # region border
+    assert (middle[:trim] == 0).all() and (middle[-trim:] == 0).all() and middle[trim] > 0
+    assert (last[:trim] == 0).all() and last[-1] > 0
+    np.testing.assert_allclose(middle[trim:-trim], middle[trim:-trim][::-1])  # symmetric
+    assert middle.max() == pytest.approx(1.0, abs=1e-4)
+    # a single tile keeps its whole window
+    assert (axis_weights((0,), 512, "gaussian", 128)[0] > 0).all()
+
+
+def test_blending_copies_of_one_field_returns_it() -> None:
+    """Window-weighted mean of tiles that agree is the field itself (float64 sums, as the engine)."""
+    h, w = 301, 455
+    rng = np.random.default_rng(0)
+    field = rng.random((h, w)).astype(np.float32)
+    for window in ("gaussian", "constant", "crop"):
+        layout = TileLayout((h, w), 128, 64, window)  # type: ignore[arg-type]
+        num, den = np.zeros((h, w)), np.zeros((h, w))
+        for t in layout.tiles():
+            wt = layout.weights(t)[: t.read.height, : t.read.width].astype(np.float64)
+            num[t.read.slices] += wt * field[t.read.slices]
+            den[t.read.slices] += wt
+        np.testing.assert_array_equal((num / den).astype(np.float32), field)
+
+
+def test_invalid_tiling_is_refused() -> None:
+    for tile, overlap, match in [
+        (100, 0, "multiple of 32"),
+        (512, 100, "multiple of 32"),
+        (512, 512, "smaller than the tile"),
+        (512, -32, "multiple of 32"),
+    ]:
+        with pytest.raises(ConicQPError, match=match):
+            TileLayout((100, 100), tile, overlap)
+    with pytest.raises(ConicQPError, match="window"):
+        TileLayout((100, 100), 128, 32, "hann")  # type: ignore[arg-type]
+    with pytest.raises(ConicQPError, match="empty region"):
+        TileLayout((0, 100), 128, 32)
+
+
+# ----------------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize(("h", "w", "size", "margin"), [(1, 1, 32, 0), (100, 257, 64, 10),
+                         (300, 200, 96, 40), (64, 64, 64, 100)])  # fmt: skip
+def test_block_cores_partition_the_region_and_contexts_grow_by_the_margin(
+    h: int, w: int, size: int, margin: int
+) -> None:
+    grid = BlockGrid.uniform((h, w), size, margin)
+    cover = np.zeros((h, w), np.int32)
+    for b in grid.blocks():
+        cover[b.core.slices] += 1
+        c, x = b.core, b.context
+        assert x == Box(max(c.y0 - margin, 0), max(c.x0 - margin, 0),
+                        min(c.y1 + margin, h), min(c.x1 + margin, w))  # fmt: skip
+        assert grid.owner_of(c.y0, c.x0) == b and grid.owner_of(c.y1 - 1, c.x1 - 1) == b
     np.testing.assert_array_equal(cover, 1)
-
-
-@pytest.mark.parametrize(("h", "w", "tile", "halo"), GEOMETRIES[:5])
-def test_owner_of_returns_the_core_containing_the_pixel(
-    h: int, w: int, tile: int, halo: int
-) -> None:
-    grid = TileGrid((h, w), tile, halo)
-    owners = np.full((h, w), -1)
-    for t in grid.tiles():
-        owners[t.core.slices] = t.index
-    rng = np.random.default_rng(1)
-    for y, x in zip(rng.integers(0, h, 50), rng.integers(0, w, 50), strict=True):
-        assert grid.owner_of(int(y), int(x)).index == owners[y, x]
     with pytest.raises(ConicQPError):
         grid.owner_of(h, 0)
-
-
-@pytest.mark.parametrize(
-    ("shape", "tile", "halo", "match"),
-    [
-        ((100, 100), 48, 8, "multiple of 32"),
-        ((100, 100), 0, 0, "multiple of 32"),
-        ((100, 100), 64, -1, ">= 0"),
-        ((100, 100), 64, 32, "twice the halo"),
-        ((100, 100), 64, 40, "twice the halo"),
-        ((0, 100), 64, 8, "empty region"),
-    ],
-)
-def test_invalid_geometry_is_refused(
-    shape: tuple[int, int], tile: int, halo: int, match: str
-) -> None:
-    with pytest.raises(ConicQPError, match=match):
-        TileGrid(shape, tile, halo)
-
-
-def test_min_halo_is_enforced_and_combines_size_and_context() -> None:
-    assert min_halo(20, 12) == 32
-    assert min_halo(19.2) == 20
-    with pytest.raises(ConicQPError, match="seam-free"):
-        TileGrid((100, 100), 128, 16, min_halo=min_halo(20, 12))
-    assert TileGrid((100, 100), 128, 32, min_halo=32).halo == 32
-
-
-def test_pad_input_and_crop_output_round_trip() -> None:
-    grid = TileGrid((70, 50), 64, 12)
-    rng = np.random.default_rng(0)
-    region = rng.integers(0, 255, (70, 50, 3), dtype=np.uint8)
-    for t in grid.tiles():
-        patch = region[t.read.slices]
-        for mode in ("reflect", "constant"):
-            x = t.pad_input(patch, mode=mode)
-            assert x.shape == (64, 64, 3)
-            # core at (halo, halo) of the network input
-            core = region[t.core.slices]
-            np.testing.assert_array_equal(x[12 : 12 + core.shape[0], 12 : 12 + core.shape[1]], core)
-            out = np.moveaxis(x, -1, 0)  # a (C, size, size) network output
-            np.testing.assert_array_equal(np.moveaxis(t.crop_output(out), 0, -1), patch)
-        if t.pad.top:
-            assert (t.pad_input(patch, mode="constant")[: t.pad.top] == 255).all()
-    with pytest.raises(ConicQPError, match="read box"):
-        grid.tile(0).pad_input(region)
-
-
-def test_select_keeps_tiles_whose_read_box_touches_tissue_at_any_scale() -> None:
-    grid = TileGrid((200, 300), 64, 16)  # cores 32 px
-    tissue = np.zeros((200, 300), bool)
-    tissue[150:160, 10:20] = True
-    exact = grid.select(tissue)
-    expected = {t.index for t in grid.tiles() if tissue[t.read.slices].any()}
-    assert {t.index for t in exact.tiles()} == expected
-    assert 0 < exact.n_tiles < grid.n_tiles
-    # the same mask at 1/10 scale selects a superset (boxes are rounded outwards), never fewer
-    coarse = tissue.reshape(20, 10, 30, 10).any(axis=(1, 3))
-    assert expected <= {t.index for t in grid.select(coarse).tiles()}
-    assert grid.select(np.zeros((20, 30), bool)).n_tiles == 0
-    assert grid.select(np.ones((7, 11), bool)).n_tiles == grid.n_tiles
-    # selection leaves geometry and ownership unchanged
-    assert exact.owner_of(155, 15).index == grid.owner_of(155, 15).index
+    with pytest.raises(ValueError, match="increase"):
+        BlockGrid((h, w), [0, h], [0, w // 2, w // 2, w] if w > 1 else [0, 0, w], margin)
 
 
 def test_reference_points_literal_and_shift_invariant() -> None:
-    labels = np.array(
-        [
-            [0, 1, 1, 0],
-            [0, 1, 1, 0],
-            [2, 0, 0, 0],
-            [2, 2, 0, 3],
-        ]
-    )
+    labels = np.array([[0, 1, 1, 0], [0, 1, 1, 0], [2, 0, 0, 0], [2, 2, 0, 3]])
     ids, ys, xs = reference_points(labels)
     np.testing.assert_array_equal(ids, [1, 2, 3])
     # object 1: centroid (0.5, 1.5) -> (0, 1); object 2: (8/3, 1/3) -> (2, 0); object 3: (3, 3)
@@ -180,7 +190,6 @@ def _disk_instances(shape: tuple[int, int], diameter: int, n: int, seed: int) ->
         cy, cx = rng.uniform(-r, shape[0] + r), rng.uniform(-r, shape[1] + r)
         cy, cx = np.floor(cy) + (d % 2 == 0) * 0.5, np.floor(cx) + (d % 2 == 0) * 0.5
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r**2 + 0.25] = k
-    # renumber to the ids still present
     present = np.unique(labels)
     lut = np.zeros(n + 1, np.int32)
     lut[present] = np.arange(present.size)
@@ -194,116 +203,170 @@ def _max_extent(labels: np.ndarray) -> int:
     return max(max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in boxes if s)
 
 
-def _tile_and_stitch(labels: np.ndarray, grid: TileGrid, naive: bool = False) -> tuple:
-    """Cut ``labels`` into read boxes, keep owned objects, paste back; count each id's copies."""
+def _stitch(labels: np.ndarray, grid: BlockGrid, naive: bool = False) -> tuple:
+    """Cut ``labels`` into block contexts, keep owned objects, paste back; count each id's copies."""
     out = np.zeros_like(labels)
     copies = np.zeros(labels.max() + 1, np.int64)
     painted = np.zeros(labels.shape, np.int64)
-    cut_owned = []
-    for t in grid.tiles():
-        sub = labels[t.read.slices]
+    cut_owned: list[int] = []
+    for b in grid.blocks():
+        sub = labels[b.context.slices]
         if naive:  # keep every object that has a pixel in the core
-            core = sub[t.core_in_read.slices]
+            core = sub[b.core_in_context.slices]
             keep = np.unique(core[core > 0])
             kept = np.where(np.isin(sub, keep), sub, 0)
         else:
-            res = filter_owned(sub, t)
+            res = filter_owned(sub, b)
             kept, keep = res.labels, res.ids
             cut_owned.extend(res.cut_owned.tolist())
         copies[keep] += 1
-        painted[t.read.slices] += kept > 0
-        view = out[t.read.slices]
+        painted[b.context.slices] += kept > 0
+        view = out[b.context.slices]
         view[kept > 0] = kept[kept > 0]
     return out, copies, painted, cut_owned
 
 
+def check_stitched(
+    labels: np.ndarray, out: np.ndarray, copies: np.ndarray, painted: np.ndarray
+) -> None:
+    """The seam-free contract: every instance exactly once, whole, no pixel written twice."""
+    ids = np.unique(labels)[1:]
+    np.testing.assert_array_equal(copies[ids], 1)
+    assert painted.max() <= 1
+    np.testing.assert_array_equal(out, labels)
+
+
 @pytest.mark.parametrize(
-    ("shape", "tile", "diameter", "seed"),
+    ("shape", "size", "diameter", "seed"),
     [
-        ((150, 170), 64, 15, 0),
-        ((97, 203), 96, 24, 1),
-        ((200, 200), 128, 31, 2),
-        ((40, 70), 32, 9, 3),
+        ((150, 170), 40, 15, 0),
+        ((97, 203), 64, 24, 1),
+        ((200, 200), 70, 31, 2),
+        ((40, 70), 16, 9, 3),
     ],
 )
-def test_tiled_ownership_reproduces_whole_image_instances_exactly(
-    shape: tuple[int, int], tile: int, diameter: int, seed: int
+def test_block_ownership_reproduces_whole_image_instances_exactly(
+    shape: tuple[int, int], size: int, diameter: int, seed: int
 ) -> None:
     labels = _disk_instances(shape, diameter, n=shape[0] * shape[1] // 60, seed=seed)
     extent = _max_extent(labels)
     assert extent <= diameter
-    for halo in (extent - 1, min_halo(diameter)):
-        if tile <= 2 * halo:
-            continue
-        grid = TileGrid(shape, tile, halo)
-        assert grid.n_tiles > 2
-        out, copies, painted, cut_owned = _tile_and_stitch(labels, grid)
-        ids = np.unique(labels)[1:]
-        np.testing.assert_array_equal(copies[ids], 1)  # every instance exactly once
-        assert painted.max() == 1  # no pixel written by two tiles
-        np.testing.assert_array_equal(out, labels)  # same pixels, same instances
+    for margin in (extent - 1, min_margin(diameter)):
+        grid = BlockGrid.uniform(shape, size, margin)
+        assert len(grid) > 2
+        out, copies, painted, cut_owned = _stitch(labels, grid)
+        check_stitched(labels, out, copies, painted)
         assert cut_owned == []
 
 
-def test_naive_stitching_duplicates_instances_so_the_test_is_sensitive() -> None:
+def test_ownership_on_irregular_block_edges_as_panels_make_them() -> None:
+    labels = _disk_instances((180, 260), 21, n=700, seed=5)
+    grid = BlockGrid((180, 260), [0, 50, 51, 130, 180], [0, 37, 100, 101, 190, 260], 21)
+    check_stitched(labels, *_stitch(labels, grid)[:3])
+
+
+def test_the_check_fails_on_a_duplicated_or_a_cut_nucleus() -> None:
+    """The contract check above is sensitive: it catches a duplicate and a truncated nucleus."""
     labels = _disk_instances((150, 170), 15, n=400, seed=0)
-    grid = TileGrid((150, 170), 64, 15)
-    _, copies, painted, _ = _tile_and_stitch(labels, grid, naive=True)
-    assert copies.max() >= 2 and (copies >= 2).sum() > 10
-    assert painted.max() >= 2
-
-
-def test_too_small_halo_cuts_owned_instances_and_flags_them() -> None:
-    labels = _disk_instances((150, 170), 25, n=300, seed=4)
-    grid = TileGrid((150, 170), 64, 4)
-    out, copies, _, cut_owned = _tile_and_stitch(labels, grid)
-    assert not np.array_equal(out, labels)
+    grid = BlockGrid.uniform((150, 170), 40, 15)
+    out, copies, painted, _ = _stitch(labels, grid)
+    check_stitched(labels, out, copies, painted)
+    dup = copies.copy()
+    dup[int(np.unique(labels)[5])] += 1  # one nucleus written by two blocks
+    with pytest.raises(AssertionError):
+        check_stitched(labels, out, dup, painted)
+    # naive stitching (keep what touches the core) duplicates nuclei on core boundaries
+    with pytest.raises(AssertionError):
+        check_stitched(labels, *_stitch(labels, grid, naive=True)[:3])
+    # a margin below the nucleus size cuts nuclei: flagged, and the check fails
+    big = _disk_instances((150, 170), 25, n=300, seed=4)
+    out, copies, painted, cut_owned = _stitch(big, BlockGrid.uniform((150, 170), 40, 4))
     assert len(cut_owned) > 0
-    # truncated copies disagree on their reference point: instances get lost or duplicated
-    ids = np.unique(labels)[1:]
-    assert (copies[ids] != 1).any()
+    with pytest.raises(AssertionError):
+        check_stitched(big, out, copies, painted)
 
 
 def test_filter_owned_flags_objects_on_inner_edges_only() -> None:
-    grid = TileGrid((96, 96), 64, 16)  # cores 32 px, 3x3 tiles
-    t = grid.tile(0)  # top-left: top/left edges are region border, bottom/right are inner
-    assert t.inner_edges == (False, True, False, True)
-    labels = np.zeros(t.read.shape, np.int32)
+    grid = BlockGrid.uniform((96, 96), 32, 16)  # 3 x 3 blocks
+    b = grid.block(0)  # top-left: top/left context edges are region border
+    assert b.inner_edges == (False, True, False, True)
+    labels = np.zeros(b.context.shape, np.int32)
     labels[0:3, 0:3] = 1  # on the region border: owned, not cut
-    labels[t.read.height - 2 :, 10:13] = 2  # on the inner bottom edge, outside the core
+    labels[b.context.height - 2 :, 10:13] = 2  # on the inner bottom edge, outside the core
     labels[20:23, 20:23] = 3  # in the core
-    res = filter_owned(labels, t)
+    res = filter_owned(labels, b)
     np.testing.assert_array_equal(res.ids, [1, 3])
     np.testing.assert_array_equal(res.cut, [2])
     assert res.cut_owned.size == 0
-    assert set(np.unique(res.labels)) == {0, 1, 3}
-    with pytest.raises(ConicQPError, match="read box"):
-        filter_owned(labels[:-1], t)
+    with pytest.raises(ConicQPError, match="context"):
+        filter_owned(labels[:-1], b)
 
 
 def test_owned_instances_keeps_classes_and_probs_in_step() -> None:
-    grid = TileGrid((64, 128), 64, 16)
-    t = grid.tile(1)  # core y 0..32, x 32..64; read x 16..80
-    labels = np.zeros(t.read.shape, np.int32)
+    grid = BlockGrid.uniform((64, 128), 32, 16)
+    b = grid.block(1)  # core y 0..32, x 32..64; context x 16..80
+    labels = np.zeros(b.context.shape, np.int32)
     labels[5:8, 0:3] = 1  # reference point left of the core: not owned
     labels[5:8, 20:23] = 2  # owned
     labels[20:24, 30:33] = 3  # owned
-    inst = Instances(
-        labels=labels,
-        classes=np.array([4, 2, 6]),
-        probs=np.eye(6, dtype=np.float32)[[3, 1, 5]],
-    )
-    owned, cut = owned_instances(inst, t)
+    inst = Instances(labels=labels, classes=np.array([4, 2, 6]),
+                     probs=np.eye(6, dtype=np.float32)[[3, 1, 5]])  # fmt: skip
+    owned, cut = owned_instances(inst, b)
     assert owned.n == 2 and cut.size == 0
     np.testing.assert_array_equal(owned.classes, [2, 6])
-    np.testing.assert_array_equal(owned.probs.argmax(1) + 1, owned.classes)
     np.testing.assert_array_equal(owned.labels == 1, labels == 2)
     np.testing.assert_array_equal(owned.labels == 2, labels == 3)
 
 
-def test_box_to_level0_maps_model_pixels_to_slide_pixels() -> None:
-    box = Box(10, 20, 74, 84)
-    assert box.shape == (64, 64)
-    x, y, w, h = box.to_level0(origin=(1000.0, 500.0), scale=2.004)
-    assert (x, y) == pytest.approx((1000 + 20 * 2.004, 500 + 10 * 2.004))
-    assert (w, h) == pytest.approx((64 * 2.004, 64 * 2.004))
+# ----------------------------------------------------------------------------------- panels
+
+
+@pytest.mark.parametrize(("w", "tile", "overlap", "panel", "window"), [
+    (1000, 128, 64, 128, "gaussian"), (1000, 128, 32, 256, "crop"), (2500, 512, 128, 1024, "gaussian"),
+    (700, 256, 192, 256, "constant"), (300, 128, 64, 4096, "gaussian")])  # fmt: skip
+def test_panels_hand_over_exactly_the_columns_both_sides_need(
+    w: int, tile: int, overlap: int, panel: int, window: str
+) -> None:
+    s = PredictSettings(tile_size=tile, overlap=overlap, window=window, panel_width=panel,  # type: ignore[arg-type]
+                        block_size=100, block_margin=24)  # fmt: skip
+    plan = plan_region((150, w), s)
+    layout, grid, m = plan.tiles, plan.blocks, s.block_margin
+    # tile columns and block columns are partitioned by the panels, in order
+    starts = [p.tile_cols[0] for p in plan.panels]
+    assert [p.tile_cols for p in plan.panels] == list(
+        zip(starts, [*starts[1:], layout.cols], strict=True)
+    )
+    assert plan.panels[0].tile_cols[0] == 0 and plan.panels[-1].block_cols[1] == grid.cols
+    assert all(b.block_cols[0] == a.block_cols[1] for a, b in pairwise(plan.panels))
+    assert all(0 < b - a <= s.block_size for a, b in pairwise(grid.x_edges))
+    if w > 2 * panel:
+        assert len(plan.panels) > 1
+    reach = np.zeros((len(plan.panels), w), bool)  # columns a panel's tiles weigh in
+    for p in plan.panels:
+        for j in range(*p.tile_cols):
+            nz = np.flatnonzero(layout.axis_window(1, j))
+            x0 = layout.xs[j]
+            reach[p.index, x0 + nz[0] : min(x0 + nz[-1] + 1, w)] = True
+    for p in plan.panels:
+        x0, x1 = p.columns
+        ctx0 = grid.block_at(0, p.block_cols[0]).context.x0
+        ctx1 = grid.block_at(0, p.block_cols[1] - 1).context.x1
+        assert x0 <= ctx0 and ctx1 <= x1  # the band holds every context of the panel's blocks
+        later = reach[p.index + 1 :].any(axis=0)
+        # what the blocks read is final: no later panel's tile weighs in there
+        assert not later[ctx0:ctx1].any()
+        if p.index + 1 < len(plan.panels):
+            nxt = plan.panels[p.index + 1]
+            assert nxt.zone_in == p.zone_out and nxt.carry_in == p.carry_out
+            # the zone covers the next panel's block contexts left of its own tiles ...
+            zx0, zx1 = p.zone_out
+            nctx0 = grid.block_at(0, nxt.block_cols[0]).context.x0
+            first_own = int(np.flatnonzero(reach[nxt.index])[0])
+            assert zx0 <= nctx0 and zx1 == first_own
+            # ... and the carried partial sums are exactly where both panels' tiles weigh in
+            both = np.flatnonzero(reach[p.index] & reach[nxt.index])
+            if p.carry_out is None:
+                assert both.size == 0
+            else:
+                assert (both.min(), both.max() + 1) == p.carry_out
+        assert p.zone_out is None or p.zone_out[1] - p.zone_out[0] == min(2 * m, p.zone_out[1])

@@ -1,0 +1,266 @@
+"""Tiled vs whole-image inference with the real network: which tiling gives the whole-image result.
+
+For each input, each squeeze-excitation window (``se``: ``global`` = as trained, else the
+:mod:`conic_qp.local_se` window in px) and each tiling (tile, overlap, blending window), the
+engine's instances are matched at IoU > 0.5 against the same image run as ONE tile and one block
+with the same network (the reference): nuclei matched / extra / missing, agreement = matched /
+reference nuclei, network pixels per image pixel, and seconds per mm^2 (``--threads`` torch
+threads, post-processing inline, TTA 1, no MC dropout). ``vs trained`` is the agreement with the
+whole image run by the network as trained (global SE): how far a setting is from what the
+network gives on one whole image. Ratios hold within one run; absolute times depend on the load.
+
+Inputs (at 0.5 um/px): a 1536 px crop of CMU-1 (``../shared/data/slides``) and a 3 x 3 mosaic of
+CoNSeP test images reassembled from their tiles (``benchmarks/consep_images.py``).
+
+Accuracy on labelled data (CoNSeP test split, ground truth): PQ and mPQ+ of (a) the 224 test
+tiles (128 px at 0.5 um/px, smaller than a network tile) scored as ``conic-qp evaluate`` does
+(plain forward pass, global SE) and through the engine with the default settings, (b) the 12
+reassembled test images and (c) the mosaic, each whole with global SE and through the engine.
+
+Usage::
+
+    python benchmarks/tiling_bench.py                 # ~30 min on one busy core
+    python benchmarks/tiling_bench.py --quick         # fewer rows
+    python benchmarks/tiling_bench.py --model CKPT --out tiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+
+from conic_qp.engine import segment_image
+from conic_qp.metrics import evaluate, match_instances
+from conic_qp.predict import PredictSettings, default_model_path, load_models
+from conic_qp.tta import TTAConfig
+
+CROP = 1536
+CMU_XY = (300, 700)  # level-0 corner of the CMU-1 crop (tissue throughout)
+SE_WINDOWS: dict[str, int | None] = {"global": None, "96": 96, "160": 160, "288": 288}
+# (se, tile, overlap, window)
+ROWS: list[tuple[str, int, int, str]] = [
+    ("global", 512, 128, "crop"),
+    ("global", 512, 128, "gaussian"),
+    ("global", 1024, 256, "gaussian"),
+    ("96", 512, 128, "gaussian"),
+    ("96", 1024, 256, "gaussian"),
+    ("96", 1024, 384, "gaussian"),
+    ("160", 512, 128, "crop"),
+    ("160", 512, 128, "gaussian"),
+    ("160", 512, 256, "gaussian"),
+    ("160", 768, 256, "gaussian"),
+    ("160", 1024, 256, "gaussian"),
+    ("160", 1024, 384, "gaussian"),
+    ("288", 256, 64, "gaussian"),
+    ("288", 512, 0, "crop"),
+    ("288", 512, 128, "crop"),
+    ("288", 512, 128, "gaussian"),
+    ("288", 1024, 256, "gaussian"),
+    ("288", 1024, 384, "gaussian"),
+]
+QUICK = [r for r in ROWS if r[1] == 512 and r[2] in (0, 128)]
+
+
+def settings_for(
+    se: str, tile: int, overlap: int, window: str, block: int = 1024
+) -> PredictSettings:
+    return PredictSettings(
+        tile_size=tile,
+        overlap=overlap,
+        window=window,  # type: ignore[arg-type]
+        se_window=SE_WINDOWS[se],
+        block_size=block,
+        tta=TTAConfig(passes=1, mc_dropout=False),
+        device="cpu",
+        workers=0,
+        tissue_detection=False,
+    )
+
+
+def whole_settings(se: str, shape: tuple[int, ...]) -> PredictSettings:
+    side = -(-max(shape[:2]) // 32) * 32
+    return dataclasses.replace(settings_for(se, side, 0, "crop", block=side), panel_width=side)
+
+
+def cmu_crop() -> np.ndarray:
+    from consep_images import SHARED
+
+    from conic_qp.slides import open_slide
+
+    with open_slide(SHARED / "slides" / "CMU-1-Small-Region.svs") as slide:
+        side = CROP * 0.5 / slide.mpp
+        return slide.read((*CMU_XY, side, side), 0.5, size=(CROP, CROP))
+
+
+def n_instances(labels: np.ndarray) -> int:
+    return int(np.count_nonzero(np.unique(labels)))
+
+
+def agreement_rows(name: str, image: np.ndarray, models: Any, rows: list, report: dict) -> None:
+    mm2 = image.shape[0] * image.shape[1] * 0.25e-6
+    refs: dict[str, np.ndarray] = {}
+    for se in dict.fromkeys(r[0] for r in rows) | {"global": None}:
+        t0 = time.perf_counter()
+        refs[se], _ = segment_image(image, 0.5, models, whole_settings(se, image.shape))
+        dt = time.perf_counter() - t0
+        report[f"{name}/whole/se={se}"] = {"nuclei": n_instances(refs[se]), "s_per_mm2": dt / mm2}
+        print(
+            f"{name}: whole image, se {se}: {n_instances(refs[se])} nuclei, {dt / mm2:.1f} s/mm^2",
+            flush=True,
+        )
+    print(
+        f"{'input':8} {'se':>6} {'tile':>5} {'ovl':>4} {'window':>9} | {'ref':>5} {'match':>5} "
+        f"{'extra':>5} {'miss':>5} {'agree':>7} | {'vs trained':>10} | {'px/px':>5} {'s/mm2':>6}"
+    )
+    for se, tile, overlap, window in rows:
+        s = settings_for(se, tile, overlap, window)
+        t0 = time.perf_counter()
+        labels, _ = segment_image(image, 0.5, models, s)
+        dt = time.perf_counter() - t0
+        ref = refs[se]
+        st = match_instances(ref, labels)
+        trained = match_instances(refs["global"], labels)
+        from conic_qp.tiling import TileLayout
+
+        cost = TileLayout(image.shape[:2], tile, overlap, window).pixels_per_region_pixel  # type: ignore[arg-type]
+        n_ref = n_instances(ref)
+        row = {
+            "se": se, "tile": tile, "overlap": overlap, "window": window, "reference": n_ref,
+            "matched": st.tp, "extra": st.fp, "missing": st.fn, "agreement": st.tp / n_ref,
+            "vs_trained": trained.tp / n_instances(refs["global"]), "pixels_per_pixel": cost,
+            "s_per_mm2": dt / mm2,
+        }  # fmt: skip
+        report[f"{name}/{se}/{tile}/{overlap}/{window}"] = row
+        print(
+            f"{name:8} {se:>6} {tile:5d} {overlap:4d} {window:>9} | {n_ref:5d} {st.tp:5d} {st.fp:5d} "
+            f"{st.fn:5d} {100 * st.tp / n_ref:6.1f}% | {100 * row['vs_trained']:9.1f}% | "
+            f"{cost:5.2f} {dt / mm2:6.1f}",
+            flush=True,
+        )
+
+
+def pq_row(
+    label: str, pred: list[np.ndarray], true: list[np.ndarray], names: list[str], report: dict
+) -> None:
+    h = min(p.shape[0] for p in pred)
+    w = min(p.shape[1] for p in pred)
+    r = evaluate(np.stack([p[:h, :w] for p in pred]), np.stack([t[:h, :w] for t in true]), names)
+    report[f"accuracy/{label}"] = {"pq": r.pq, "mpq_plus": r.mpq_plus}
+    print(f"  {label:58} PQ {r.pq:.4f}  mPQ+ {r.mpq_plus:.4f}", flush=True)
+
+
+def with_classes(labels: np.ndarray, table: Any) -> np.ndarray:
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    if len(table):
+        lut[table["label"].to_numpy()] = table["class_id"].to_numpy()
+    return np.stack([labels, lut[labels]], axis=-1)
+
+
+def accuracy(models: Any, model_path: Path, default: PredictSettings, report: dict) -> None:
+    from consep_images import SHARED, mosaic, test_images
+
+    from conic_qp.postprocess import postprocess
+    from conic_qp.train.evaluation import iter_probabilities, labelled_truth, load_eval_data
+
+    print("accuracy on CoNSeP test (ground truth):", flush=True)
+    names = models.classes.names
+    one = dataclasses.replace(default, tta=TTAConfig(passes=1, mc_dropout=False), workers=0)
+    _, data = load_eval_data(model_path, [f"tiles:{SHARED / 'consep'}@test"], device="cpu")
+    true = list(labelled_truth(data))
+    net = models.networks[0]
+    from conic_qp.local_se import set_se_window
+
+    set_se_window(net, None)
+    pred = []
+    for sem, three in iter_probabilities(net, data.images, 1, 0):
+        inst = postprocess(sem, three, models.params)
+        lut = np.concatenate([[0], inst.classes]).astype(np.int32)
+        pred.append(np.stack([inst.labels, lut[inst.labels]], axis=-1))
+    pq_row(f"{len(true)} tiles of 128 px, as `evaluate` (global SE)", pred, true, names, report)
+    pred = [with_classes(*segment_image(im, 0.5, models, one)) for im in data.images]
+    pq_row(f"{len(true)} tiles of 128 px, engine defaults", pred, true, names, report)
+
+    images = test_images(0.5)
+    truth = [np.stack([inst, cls], axis=-1) for _, _, inst, cls in images]
+    for se in ("global", "288"):
+        pred = [
+            with_classes(*segment_image(im, 0.5, models, whole_settings(se, im.shape)))
+            for _, im, _, _ in images
+        ]
+        pq_row(
+            f"{len(images)} reassembled images (~490 px), whole, se {se}",
+            pred,
+            truth,
+            names,
+            report,
+        )
+    pred = [with_classes(*segment_image(im, 0.5, models, one)) for _, im, _, _ in images]
+    pq_row(f"{len(images)} reassembled images, engine defaults", pred, truth, names, report)
+
+    # the 3 x 3 mosaic with its ground truth (ids made unique per image)
+    h = min(i.shape[0] for _, i, _, _ in images[:9])
+    w = min(i.shape[1] for _, i, _, _ in images[:9])
+    inst_tiles, cls_tiles, offset = [], [], 0
+    for _, _, inst, cls in images[:9]:
+        inst = inst[:h, :w].astype(np.int64)
+        inst_tiles.append(np.where(inst > 0, inst + offset, 0))
+        cls_tiles.append(cls[:h, :w])
+        offset += int(inst.max()) + 1
+    m_inst, m_cls = mosaic(inst_tiles), mosaic(cls_tiles)
+    from skimage.segmentation import relabel_sequential
+
+    m_true = np.stack([relabel_sequential(m_inst)[0], m_cls], axis=-1).astype(np.int32)
+    m_img = mosaic([i for _, i, _, _ in images[:9]])
+    for label, s in (
+        ("whole, se global", whole_settings("global", m_img.shape)),
+        ("engine defaults", one),
+    ):
+        pq_row(
+            f"mosaic {m_img.shape[0]}x{m_img.shape[1]}, {label}",
+            [with_classes(*segment_image(m_img, 0.5, models, s))],
+            [m_true],
+            names,
+            report,
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: bundled)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="only the 512 px rows")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model_path = args.model or default_model_path()
+    models = load_models([model_path], device="cpu")
+    from consep_images import mosaic, test_images
+
+    report: dict[str, Any] = {"model": str(model_path), "threads": args.threads}
+    rows = QUICK if args.quick else ROWS
+    print(f"model {model_path}; torch threads {args.threads}; {os.cpu_count()} cores", flush=True)
+    agreement_rows("CMU-1", cmu_crop(), models, rows, report)
+    consep = mosaic([im for _, im, _, _ in test_images(0.5)])
+    agreement_rows("CoNSeP", consep, models, rows, report)
+    if not args.no_accuracy:
+        accuracy(models, model_path, PredictSettings(), report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

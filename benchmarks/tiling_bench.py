@@ -4,8 +4,13 @@ For each input, each squeeze-excitation window (``se``: ``global`` = as trained,
 :mod:`conic_qp.local_se` window in px) and each tiling (tile, overlap, blending window), the
 engine's instances are matched at IoU > 0.5 against the same image run as ONE tile and one block
 with the same network (the reference): nuclei matched / extra / missing, agreement = matched /
-reference nuclei, network pixels per image pixel, and seconds per mm^2 (``--threads`` torch
-threads, post-processing inline, TTA 1, no MC dropout). ``vs trained`` is the agreement with the
+reference nuclei, network pixels per slide pixel (``(tile / (tile - overlap))**2``, what a whole
+slide costs) and per pixel of the crop (less: a crop's border tiles do not overlap outwards), and
+seconds per mm^2 (``--threads`` torch threads, post-processing inline, TTA 1, no MC dropout).
+Each tiling runs on the largest crop it covers with regular overlaps (``regular_size``), as
+almost all tiles of a slide are; the reference is that crop as one tile. The last lines of
+each input compare the whole-image results of two crop sizes on their common pixels: with
+the trained (global) SE the "whole image" result itself depends on the crop. ``vs trained`` is the agreement with the
 whole image run by the network as trained (global SE): how far a setting is from what the
 network gives on one whole image. Ratios hold within one run; absolute times depend on the load.
 
@@ -47,31 +52,36 @@ from conic_qp.metrics import evaluate, match_instances
 from conic_qp.predict import PredictSettings, default_model_path, load_models
 from conic_qp.tta import TTAConfig
 
-CROP = 1536
-CMU_XY = (300, 700)  # level-0 corner of the CMU-1 crop (tissue throughout)
+CROP = 2048
+CMU_XY = (80, 400)  # level-0 corner of the CMU-1 crop (tissue throughout)
 SE_WINDOWS: dict[str, int | None] = {"global": None, "96": 96, "160": 160, "288": 288}
 # (se, tile, overlap, window)
 ROWS: list[tuple[str, int, int, str]] = [
-    ("global", 512, 128, "crop"),
     ("global", 512, 128, "gaussian"),
     ("global", 1024, 256, "gaussian"),
     ("96", 512, 128, "gaussian"),
+    ("96", 512, 256, "gaussian"),
+    ("96", 768, 256, "gaussian"),
     ("96", 1024, 256, "gaussian"),
     ("96", 1024, 384, "gaussian"),
     ("160", 512, 128, "crop"),
     ("160", 512, 128, "gaussian"),
     ("160", 512, 256, "gaussian"),
     ("160", 768, 256, "gaussian"),
+    ("160", 1024, 256, "crop"),
     ("160", 1024, 256, "gaussian"),
     ("160", 1024, 384, "gaussian"),
-    ("288", 256, 64, "gaussian"),
-    ("288", 512, 0, "crop"),
-    ("288", 512, 128, "crop"),
     ("288", 512, 128, "gaussian"),
     ("288", 1024, 256, "gaussian"),
-    ("288", 1024, 384, "gaussian"),
 ]
-QUICK = [r for r in ROWS if r[1] == 512 and r[2] in (0, 128)]
+QUICK = [r for r in ROWS if r[1] == 512 and r[2] == 128]
+
+
+def regular_size(n: int, tile: int, overlap: int) -> int:
+    """Largest ``tile + k * stride <= n``: the image size on which every tile overlaps its
+    neighbours by exactly ``overlap`` (no flush last tile), as almost all tiles of a slide do."""
+    stride = tile - overlap
+    return tile + (n - tile) // stride * stride if n >= tile else n
 
 
 def settings_for(
@@ -110,44 +120,78 @@ def n_instances(labels: np.ndarray) -> int:
 
 
 def agreement_rows(name: str, image: np.ndarray, models: Any, rows: list, report: dict) -> None:
-    mm2 = image.shape[0] * image.shape[1] * 0.25e-6
-    refs: dict[str, np.ndarray] = {}
-    for se in dict.fromkeys(r[0] for r in rows) | {"global": None}:
-        t0 = time.perf_counter()
-        refs[se], _ = segment_image(image, 0.5, models, whole_settings(se, image.shape))
-        dt = time.perf_counter() - t0
-        report[f"{name}/whole/se={se}"] = {"nuclei": n_instances(refs[se]), "s_per_mm2": dt / mm2}
-        print(
-            f"{name}: whole image, se {se}: {n_instances(refs[se])} nuclei, {dt / mm2:.1f} s/mm^2",
-            flush=True,
-        )
+    """Each row on the largest crop of ``image`` that its tiling covers regularly, against the
+    whole crop as one tile (references cached per SE window and crop size)."""
+    from conic_qp.tiling import TileLayout
+
+    refs: dict[tuple[str, int, int], np.ndarray] = {}
+
+    def reference(se: str, h: int, w: int) -> np.ndarray:
+        if (se, h, w) not in refs:
+            crop = image[:h, :w]
+            t0 = time.perf_counter()
+            refs[se, h, w], _ = segment_image(crop, 0.5, models, whole_settings(se, crop.shape))
+            dt = time.perf_counter() - t0
+            n = n_instances(refs[se, h, w])
+            report[f"{name}/whole/se={se}/{h}x{w}"] = {
+                "nuclei": n,
+                "s_per_mm2": dt / (h * w * 0.25e-6),
+            }
+            print(
+                f"  {name} {h}x{w} whole, se {se}: {n} nuclei, {dt / (h * w * 0.25e-6):.1f} s/mm^2",
+                flush=True,
+            )
+        return refs[se, h, w]
+
     print(
-        f"{'input':8} {'se':>6} {'tile':>5} {'ovl':>4} {'window':>9} | {'ref':>5} {'match':>5} "
-        f"{'extra':>5} {'miss':>5} {'agree':>7} | {'vs trained':>10} | {'px/px':>5} {'s/mm2':>6}"
+        f"{'input':8} {'crop':>9} {'se':>6} {'tile':>5} {'ovl':>4} {'window':>9} | {'ref':>5} "
+        f"{'match':>5} {'extra':>5} {'miss':>5} {'agree':>7} | {'vs trained':>10} | "
+        f"{'px/slide px':>11} {'px/crop px':>10} {'s/mm2':>6}",
+        flush=True,
     )
     for se, tile, overlap, window in rows:
+        h = regular_size(image.shape[0], tile, overlap)
+        w = regular_size(image.shape[1], tile, overlap)
+        ref, trained_ref = reference(se, h, w), reference("global", h, w)
+        crop = image[:h, :w]
         s = settings_for(se, tile, overlap, window)
         t0 = time.perf_counter()
-        labels, _ = segment_image(image, 0.5, models, s)
+        labels, _ = segment_image(crop, 0.5, models, s)
         dt = time.perf_counter() - t0
-        ref = refs[se]
         st = match_instances(ref, labels)
-        trained = match_instances(refs["global"], labels)
-        from conic_qp.tiling import TileLayout
-
-        cost = TileLayout(image.shape[:2], tile, overlap, window).pixels_per_region_pixel  # type: ignore[arg-type]
+        trained = match_instances(trained_ref, labels)
+        cost = TileLayout((h, w), tile, overlap, window).pixels_per_region_pixel  # type: ignore[arg-type]
         n_ref = n_instances(ref)
+        mm2 = h * w * 0.25e-6
         row = {
-            "se": se, "tile": tile, "overlap": overlap, "window": window, "reference": n_ref,
-            "matched": st.tp, "extra": st.fp, "missing": st.fn, "agreement": st.tp / n_ref,
-            "vs_trained": trained.tp / n_instances(refs["global"]), "pixels_per_pixel": cost,
+            "crop": [h, w], "se": se, "tile": tile, "overlap": overlap, "window": window,
+            "reference": n_ref, "matched": st.tp, "extra": st.fp, "missing": st.fn,
+            "agreement": st.tp / n_ref, "vs_trained": trained.tp / n_instances(trained_ref),
+            "pixels_per_pixel": cost, "slide_pixels_per_pixel": (tile / (tile - overlap)) ** 2,
             "s_per_mm2": dt / mm2,
         }  # fmt: skip
         report[f"{name}/{se}/{tile}/{overlap}/{window}"] = row
         print(
-            f"{name:8} {se:>6} {tile:5d} {overlap:4d} {window:>9} | {n_ref:5d} {st.tp:5d} {st.fp:5d} "
-            f"{st.fn:5d} {100 * st.tp / n_ref:6.1f}% | {100 * row['vs_trained']:9.1f}% | "
-            f"{cost:5.2f} {dt / mm2:6.1f}",
+            f"{name:8} {h:4d}x{w:4d} {se:>6} {tile:5d} {overlap:4d} {window:>9} | {n_ref:5d} "
+            f"{st.tp:5d} {st.fp:5d} {st.fn:5d} {100 * st.tp / n_ref:6.1f}% | "
+            f"{100 * row['vs_trained']:9.1f}% | {row['slide_pixels_per_pixel']:11.2f} {cost:10.2f} "
+            f"{dt / mm2:6.1f}",
+            flush=True,
+        )
+    # Is "the whole image" itself well defined? The same pixels, whole in two crop sizes.
+    for se in dict.fromkeys(k[0] for k in refs):
+        sizes = sorted({(h, w) for s_, h, w in refs if s_ == se}, key=lambda hw: hw[0] * hw[1])
+        if len(sizes) < 2:
+            continue
+        (h, w), (bh, bw) = sizes[0], sizes[-1]
+        inner = (slice(0, h - 128), slice(0, w - 128))  # away from the smaller crop's border
+        small, big = refs[se, h, w][inner], refs[se, bh, bw][:h, :w][inner]
+        st = match_instances(big, small)
+        n = n_instances(big)
+        report[f"{name}/crop_size/se={se}"] = {"agreement": st.tp / n, "crops": [[h, w], [bh, bw]]}
+        print(
+            f"  {name}: whole {h}x{w} vs whole {bh}x{bw} on their common pixels (se {se}): "
+            f"{100 * st.tp / n:.1f}% of {n} nuclei agree",
             flush=True,
         )
 
@@ -160,6 +204,10 @@ def pq_row(
     r = evaluate(np.stack([p[:h, :w] for p in pred]), np.stack([t[:h, :w] for t in true]), names)
     report[f"accuracy/{label}"] = {"pq": r.pq, "mpq_plus": r.mpq_plus}
     print(f"  {label:58} PQ {r.pq:.4f}  mPQ+ {r.mpq_plus:.4f}", flush=True)
+
+
+def _describe(s: PredictSettings) -> str:
+    return f"se {s.se_window or 'global'}, {s.tile_size}/{s.overlap} {s.window}"
 
 
 def with_classes(labels: np.ndarray, table: Any) -> np.ndarray:
@@ -191,11 +239,11 @@ def accuracy(models: Any, model_path: Path, default: PredictSettings, report: di
         pred.append(np.stack([inst.labels, lut[inst.labels]], axis=-1))
     pq_row(f"{len(true)} tiles of 128 px, as `evaluate` (global SE)", pred, true, names, report)
     pred = [with_classes(*segment_image(im, 0.5, models, one)) for im in data.images]
-    pq_row(f"{len(true)} tiles of 128 px, engine defaults", pred, true, names, report)
+    pq_row(f"{len(true)} tiles of 128 px, engine {_describe(one)}", pred, true, names, report)
 
     images = test_images(0.5)
     truth = [np.stack([inst, cls], axis=-1) for _, _, inst, cls in images]
-    for se in ("global", "288"):
+    for se in ("global", "96", "160", "288"):
         pred = [
             with_classes(*segment_image(im, 0.5, models, whole_settings(se, im.shape)))
             for _, im, _, _ in images
@@ -208,7 +256,7 @@ def accuracy(models: Any, model_path: Path, default: PredictSettings, report: di
             report,
         )
     pred = [with_classes(*segment_image(im, 0.5, models, one)) for _, im, _, _ in images]
-    pq_row(f"{len(images)} reassembled images, engine defaults", pred, truth, names, report)
+    pq_row(f"{len(images)} reassembled images, engine {_describe(one)}", pred, truth, names, report)
 
     # the 3 x 3 mosaic with its ground truth (ids made unique per image)
     h = min(i.shape[0] for _, i, _, _ in images[:9])
@@ -243,6 +291,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="only the 512 px rows")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--no-agreement", action="store_true")
+    p.add_argument("--default", default="160,1024,256,gaussian",
+                   help="se,tile,overlap,window of the accuracy runs (the candidate default)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -253,11 +304,18 @@ def main() -> None:
     report: dict[str, Any] = {"model": str(model_path), "threads": args.threads}
     rows = QUICK if args.quick else ROWS
     print(f"model {model_path}; torch threads {args.threads}; {os.cpu_count()} cores", flush=True)
-    agreement_rows("CMU-1", cmu_crop(), models, rows, report)
-    consep = mosaic([im for _, im, _, _ in test_images(0.5)])
-    agreement_rows("CoNSeP", consep, models, rows, report)
+    if not args.no_agreement:
+        agreement_rows("CMU-1", cmu_crop(), models, rows, report)
+        images = [im for _, im, _, _ in test_images(0.5)]
+        consep = mosaic(images + images[:4], n=4)  # 4 x 4: the 12 placeable images, 4 twice
+        agreement_rows("CoNSeP", consep, models, rows, report)
     if not args.no_accuracy:
-        accuracy(models, model_path, PredictSettings(), report)
+        se, tile, overlap, window = args.default.split(",")
+        default = dataclasses.replace(
+            PredictSettings(), tile_size=int(tile), overlap=int(overlap), window=window,
+            se_window=SE_WINDOWS[se],
+        )  # fmt: skip
+        accuracy(models, model_path, default, report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

@@ -382,7 +382,7 @@ def tune_cmd(
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]),
               default="auto", show_default=True, envvar="CONIC_QP_RUNTIME",
               help="CPU inference: auto = OpenVINO, else ONNX Runtime when installed, else torch.")  # fmt: skip
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option(
     "--workers", type=int, default=2, show_default=True, help="Post-processing processes."
 )
@@ -391,7 +391,8 @@ def tune_cmd(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--mpp", type=float, default=None, help="Level-0 um/px when the files lack it.")
 @click.option("--thresholds", default=None, help="thresholds.json overriding the checkpoint's.")
-@click.option("--tile-size", type=int, default=512, show_default=True)
+@click.option("--tile-size", type=int, default=1024, show_default=True,
+              help="Network tile edge (px); tiles overlap as in `predict`.")  # fmt: skip
 @click.option(
     "--no-fix-uris",
     is_flag=True,
@@ -619,20 +620,20 @@ def composition_cmd(
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]),
               default="auto", show_default=True, envvar="CONIC_QP_RUNTIME",
               help="CPU inference: auto = OpenVINO, else ONNX Runtime when installed, else torch.")  # fmt: skip
-@click.option("--batch-size", type=int, default=4, show_default=True,
+@click.option("--batch-size", type=int, default=2, show_default=True,
               help="Tiles per network step (and images per forward pass).")  # fmt: skip
 @click.option("--workers", type=int, default=None,
               help="Post-processing processes (default: CPU cores - 1, at most 8; 0 = inline).")  # fmt: skip
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
 @click.option("--compile", "compile_models", is_flag=True, help="torch.compile the networks.")
-@click.option("--tile-size", type=int, default=512, show_default=True,
+@click.option("--tile-size", type=int, default=1024, show_default=True,
               help="Network tile edge (px at the model's um/px, a multiple of 32).")  # fmt: skip
-@click.option("--overlap", type=int, default=128, show_default=True,
+@click.option("--overlap", type=int, default=256, show_default=True,
               help="Px shared by neighbouring tiles (a multiple of 32).")  # fmt: skip
 @click.option("--window", "blend_window", type=click.Choice(["gaussian", "constant", "crop"]),
               default="gaussian", show_default=True,
               help="How overlapping tiles are blended (crop = nearest tile, no blending).")  # fmt: skip
-@click.option("--se-window", default="288", show_default=True, metavar="PX|global",
+@click.option("--se-window", default="160", show_default=True, metavar="PX|global",
               help="Squeeze-excitation window (odd multiple of 32 px) so results do not depend "
               "on the tiling; 'global' = as trained.")  # fmt: skip
 @click.option("--block-size", type=int, default=1024, show_default=True,

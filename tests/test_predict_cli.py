@@ -94,7 +94,7 @@ def test_roi_thresholds_and_quiet(ckpt: Path, slides: Path, tmp_path: Path) -> N
         (["--model", "/nonexistent/ckpt"], "does not exist"),
         (["--roi", "1,2,3"], "x,y,w,h"),
         (["--tile-size", "100"], "multiple of 32"),
-        (["--overlap", "512"], "smaller than the tile"),
+        (["--overlap", "1024"], "smaller than the tile"),
         (["--se-window", "big"], "--se-window"),
         (["--se-window", "256"], "odd multiple of 32"),
     ],

@@ -523,7 +523,6 @@ def test_stand_in_tiled_equals_whole_image_on_cuda(synth: np.ndarray, tmp_path: 
     """Tiles, blending (float64 on the device) and block ownership on CUDA: the exact case."""
     cuda = torch.device("cuda")
     models = stand_in_models().to(cuda)
-    h, w = synth.shape[:2]
     x = torch.from_numpy(synth).permute(2, 0, 1)[None].float().div_(255.0).to(cuda)
     with torch.no_grad():
         out = models.networks[0](x)

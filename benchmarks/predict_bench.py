@@ -377,7 +377,7 @@ def main() -> None:
     print(
         f"post-processing ({post['source']}): {post['nuclei_per_s_core']:.0f} nuclei/s per core, "
         f"{post['s_per_core_mpx']:.2f} core-s per Mpx of slide ({post['nuclei_per_mpx']:.0f} nuclei "
-        f"per Mpx); keeping up with {net_rate:.2f} network tiles/s needs {need:.1f} cores",
+        f"per Mpx); keeping up with {net_rate:.2f} network tiles/s needs {need:.2f} cores",
         flush=True,
     )
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:

@@ -144,7 +144,7 @@ def mask_region(
 
     ``downsample`` is level-0 pixels per mask pixel (what ``SlideSource.thumbnail`` returns).
     Rounded outwards; the result covers the region (up to one mask pixel more) and can be given
-    to :meth:`conic_qp.tiling.TileGrid.select`.
+    to :func:`conic_qp.tissue.box_in_mask` (as :func:`conic_qp.plan.plan_slide` does).
     """
     if downsample <= 0:
         raise ConicQPError(f"mask downsample must be positive, got {downsample}")

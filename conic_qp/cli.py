@@ -1020,12 +1020,14 @@ def _omero_connection(
 @click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N] or mps.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--workers", type=int, default=None,
               help="Post-processing processes (default: CPU cores - 1, at most 8).")  # fmt: skip
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
-@click.option("--tile-size", type=int, default=512, show_default=True)
-@click.option("--halo", type=int, default=64, show_default=True)
+@click.option("--tile-size", type=int, default=1024, show_default=True,
+              help="Network tile edge (px); tiles overlap as in `predict`.")  # fmt: skip
+@click.option("--halo", type=int, default=None, hidden=True,
+              help="Deprecated: overlap = 2 x halo.")  # fmt: skip
 @click.option("--no-tissue", is_flag=True, help="Run every tile (no tissue detection).")
 @click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
               show_default=True, help="QuPath object type in the GeoJSON.")  # fmt: skip
@@ -1062,7 +1064,7 @@ def omero_predict_cmd(
     workers: int | None,
     amp: bool,
     tile_size: int,
-    halo: int,
+    halo: int | None,
     no_tissue: bool,
     object_type: str,
     resume: bool,

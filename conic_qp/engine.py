@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from conic_qp.local_se import set_se_window
+from conic_qp.local_se import se_windows, set_se_window
 from conic_qp.plan import Panel, SlidePlan
 from conic_qp.settings import PredictSettings
 from conic_qp.slides import SlideSource
@@ -73,8 +74,22 @@ def tile_seed(seed: int, tile_index: int) -> int:
 
 
 def apply_se_window(models: ModelSet, window: int | None) -> int:
-    """Set the squeeze-excitation window of every network (see :mod:`conic_qp.local_se`)."""
-    return sum(set_se_window(net, window) for net in models.networks)
+    """Set the squeeze-excitation window of every network (see :mod:`conic_qp.local_se`).
+
+    A network run from an exported graph (:class:`conic_qp.runtime.ExportedNetwork`) has the
+    window set on the PyTorch network it exports, and drops graphs made with another window.
+    """
+    n = 0
+    for net in models.networks:
+        exported = hasattr(net, "network_changed") and isinstance(
+            getattr(net, "net", None), nn.Module
+        )
+        target: nn.Module = net.net if exported else net  # type: ignore[assignment]
+        before = se_windows(target)
+        n += set_se_window(target, window)
+        if exported and se_windows(target) != before:
+            net.network_changed()  # type: ignore[operator]
+    return n
 
 
 def _model_device(models: ModelSet) -> torch.device:

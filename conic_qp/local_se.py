@@ -34,7 +34,7 @@ from conic_qp.errors import ConicQPError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CELL", "check_se_window", "set_se_window"]
+__all__ = ["CELL", "check_se_window", "se_windows", "set_se_window"]
 
 #: Cell of the pooled grid in input px (the encoder's deepest stride).
 CELL = 32
@@ -55,18 +55,34 @@ def check_se_window(window: int | None) -> None:
         )
 
 
-def _gate_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The part of an SE module after its global mean, for the SE designs timm uses."""
+def _eff_gate(m: Any, s: torch.Tensor) -> torch.Tensor:
+    return m.gate(m.conv_expand(m.act1(m.conv_reduce(s))))
+
+
+def _se_gate(m: Any, s: torch.Tensor) -> torch.Tensor:
+    return m.gate(m.fc2(m.act(m.bn(m.fc1(s)))))
+
+
+def _ese_gate(m: Any, s: torch.Tensor) -> torch.Tensor:
+    return m.gate(m.fc(s))
+
+
+def _gate_fn(module: nn.Module) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
+    """The part of an SE module after its global mean, for the SE designs timm uses.
+
+    Functions of the module (not closures over it), so a deep copy of a patched network (the
+    ONNX export of :mod:`conic_qp.runtime` copies it) computes with its own layers.
+    """
     from timm.layers import squeeze_excite as se_layers
     from timm.models import _efficientnet_blocks as eff
 
     m: Any = module
     if isinstance(module, eff.SqueezeExcite):
-        return lambda s: m.gate(m.conv_expand(m.act1(m.conv_reduce(s))))
+        return _eff_gate
     if isinstance(module, se_layers.SEModule) and not m.add_maxpool:
-        return lambda s: m.gate(m.fc2(m.act(m.bn(m.fc1(s)))))
+        return _se_gate
     if isinstance(module, se_layers.EffectiveSEModule) and not m.add_maxpool:
-        return lambda s: m.gate(m.fc(s))
+        return _ese_gate
     return None
 
 
@@ -103,6 +119,11 @@ def set_se_window(model: nn.Module, window: int | None) -> int:
         setattr(module, _ATTR, window)
         module.forward = types.MethodType(_local_forward(gate, cell, window // CELL), module)
     return len(layers)
+
+
+def se_windows(model: nn.Module) -> list[int | None]:
+    """The window of every SE layer of ``model`` (None: global mean), in module order."""
+    return [getattr(m, _ATTR, None) for m in model.modules() if _gate_fn(m) is not None]
 
 
 def _strides(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, int]:
@@ -142,15 +163,15 @@ def _strides(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, int]:
 
 
 def _local_forward(
-    gate: Callable[[torch.Tensor], torch.Tensor], cell: int, k: int
+    gate: Callable[[Any, torch.Tensor], torch.Tensor], cell: int, k: int
 ) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """SE forward with the mean over ``k`` x ``k`` cells of ``cell`` feature px (32 input px)."""
 
-    def forward(_self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         pooled = F.avg_pool2d(x, cell) if cell > 1 else x
         if k > 1:
             pooled = F.avg_pool2d(pooled, k, stride=1, padding=k // 2, count_include_pad=False)
-        g = gate(pooled)
+        g = gate(self, pooled)
         if cell > 1:
             g = g.repeat_interleave(cell, dim=-2).repeat_interleave(cell, dim=-1)
         return x * g

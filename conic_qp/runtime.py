@@ -257,6 +257,11 @@ def weights_key(net: nn.Module) -> str:
     for name, t in net.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    from conic_qp.local_se import se_windows
+
+    windows = se_windows(net)
+    if any(w is not None for w in windows):  # windowed squeeze-excitation: another function
+        h.update(json.dumps(windows).encode())
     return h.hexdigest()
 
 
@@ -336,6 +341,13 @@ class ExportedNetwork(nn.Module):
         self._layers = _dropout_layers(net)
         self._masked: list[tuple[str, nn.Module, tuple[int, ...]]] | None = None
         self._graphs: dict[tuple[int, int, bool], Any] = {}
+
+    def network_changed(self) -> None:
+        """Forget the graphs of the wrapped network as it was (e.g. before its squeeze-excitation
+        window changed, :func:`conic_qp.engine.apply_se_window`): they are made anew."""
+        self._key = weights_key(self.net)
+        self._graphs.clear()
+        self._masked = None
 
     def graph_path(self, h: int, w: int, with_masks: bool) -> Path:
         kind = "mc" if with_masks else "plain"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,3 +82,50 @@ def test_bad_windows_are_one_line_errors() -> None:
             check_se_window(bad)  # type: ignore[arg-type]
     check_se_window(None)
     check_se_window(288)
+
+
+class _GatedNet(torch.nn.Module):
+    """Convolution + one strong SE layer, with ConicNet's output dict: the gate shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models._efficientnet_blocks import SqueezeExcite
+
+        torch.manual_seed(2)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.se = SqueezeExcite(8, rd_ratio=0.5)
+        with torch.no_grad():
+            self.se.conv_reduce.weight.mul_(30.0)
+            self.se.conv_expand.weight.mul_(30.0)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.se(self.conv(x))
+        return {"semantic": f[:, :3], "three_label": f[:, 3:6], "vectors": f[:, 6:8]}
+
+
+@pytest.mark.skipif(
+    "onnx" not in __import__("conic_qp.runtime").runtime.available_runtimes(),
+    reason="needs ONNX Runtime",
+)
+def test_exported_graphs_follow_the_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU runtimes export the network as patched, and re-export when the window changes."""
+    from types import SimpleNamespace
+
+    from conic_qp.engine import apply_se_window
+    from conic_qp.runtime import ExportedNetwork
+
+    monkeypatch.setenv("CONIC_QP_CACHE", str(tmp_path))
+    net = _GatedNet().eval()
+    wrapped = ExportedNetwork(net, "onnx")
+    models = SimpleNamespace(networks=[wrapped])
+    x = torch.rand(1, 3, 96, 160, generator=torch.Generator().manual_seed(3))
+    x[..., :64] *= 0.1  # dark left, bright right: local means differ from the global one
+    got = {}
+    for window in (96, None):
+        assert apply_se_window(models, window) == 1  # type: ignore[arg-type]
+        with torch.no_grad():
+            want = net(x)["three_label"]  # the PyTorch network, patched alike
+        got[window] = wrapped(x)["three_label"]
+        assert float((got[window] - want).abs().max()) < 1e-4
+    assert float((got[96] - got[None]).abs().max()) > 1e-2  # the window changes the output
+    assert len(list(tmp_path.rglob("*.onnx"))) == 2  # one graph per window, not a stale one

@@ -105,14 +105,14 @@ def whole_settings(se: str, shape: tuple[int, ...]) -> PredictSettings:
     return dataclasses.replace(settings_for(se, side, 0, "crop", block=side), panel_width=side)
 
 
-def cmu_crop() -> np.ndarray:
+def cmu_crop(size: int = CROP) -> np.ndarray:
     from consep_images import SHARED
 
     from conic_qp.slides import open_slide
 
     with open_slide(SHARED / "slides" / "CMU-1-Small-Region.svs") as slide:
-        side = CROP * 0.5 / slide.mpp
-        return slide.read((*CMU_XY, side, side), 0.5, size=(CROP, CROP))
+        side = size * 0.5 / slide.mpp
+        return slide.read((*CMU_XY, side, side), 0.5, size=(size, size))
 
 
 def n_instances(labels: np.ndarray) -> int:
@@ -166,14 +166,15 @@ def agreement_rows(name: str, image: np.ndarray, models: Any, rows: list, report
         row = {
             "crop": [h, w], "se": se, "tile": tile, "overlap": overlap, "window": window,
             "reference": n_ref, "matched": st.tp, "extra": st.fp, "missing": st.fn,
-            "agreement": st.tp / n_ref, "vs_trained": trained.tp / n_instances(trained_ref),
+            "agreement": st.tp / max(n_ref, 1),
+            "vs_trained": trained.tp / max(n_instances(trained_ref), 1),
             "pixels_per_pixel": cost, "slide_pixels_per_pixel": (tile / (tile - overlap)) ** 2,
             "s_per_mm2": dt / mm2,
         }  # fmt: skip
         report[f"{name}/{se}/{tile}/{overlap}/{window}"] = row
         print(
             f"{name:8} {h:4d}x{w:4d} {se:>6} {tile:5d} {overlap:4d} {window:>9} | {n_ref:5d} "
-            f"{st.tp:5d} {st.fp:5d} {st.fn:5d} {100 * st.tp / n_ref:6.1f}% | "
+            f"{st.tp:5d} {st.fp:5d} {st.fn:5d} {100 * row['agreement']:6.1f}% | "
             f"{100 * row['vs_trained']:9.1f}% | {row['slide_pixels_per_pixel']:11.2f} {cost:10.2f} "
             f"{dt / mm2:6.1f}",
             flush=True,
@@ -188,10 +189,13 @@ def agreement_rows(name: str, image: np.ndarray, models: Any, rows: list, report
         small, big = refs[se, h, w][inner], refs[se, bh, bw][:h, :w][inner]
         st = match_instances(big, small)
         n = n_instances(big)
-        report[f"{name}/crop_size/se={se}"] = {"agreement": st.tp / n, "crops": [[h, w], [bh, bw]]}
+        report[f"{name}/crop_size/se={se}"] = {
+            "agreement": st.tp / max(n, 1),
+            "crops": [[h, w], [bh, bw]],
+        }
         print(
             f"  {name}: whole {h}x{w} vs whole {bh}x{bw} on their common pixels (se {se}): "
-            f"{100 * st.tp / n:.1f}% of {n} nuclei agree",
+            f"{100 * st.tp / max(n, 1):.1f}% of {n} nuclei agree",
             flush=True,
         )
 
@@ -292,6 +296,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="only the 512 px rows")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--no-agreement", action="store_true")
+    p.add_argument("--crop", type=int, default=CROP, help="largest input edge (px; quick checks)")
     p.add_argument("--default", default="160,1024,256,gaussian",
                    help="se,tile,overlap,window of the accuracy runs (the candidate default)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
@@ -305,9 +310,10 @@ def main() -> None:
     rows = QUICK if args.quick else ROWS
     print(f"model {model_path}; torch threads {args.threads}; {os.cpu_count()} cores", flush=True)
     if not args.no_agreement:
-        agreement_rows("CMU-1", cmu_crop(), models, rows, report)
+        agreement_rows("CMU-1", cmu_crop(args.crop), models, rows, report)
         images = [im for _, im, _, _ in test_images(0.5)]
         consep = mosaic(images + images[:4], n=4)  # 4 x 4: the 12 placeable images, 4 twice
+        consep = consep[: args.crop, : args.crop]
         agreement_rows("CoNSeP", consep, models, rows, report)
     if not args.no_accuracy:
         se, tile, overlap, window = args.default.split(",")

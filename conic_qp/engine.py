@@ -265,7 +265,13 @@ class SlideEngine:
         apply_se_window(self.models, self.settings.se_window)
         scratch: Path | None = None
         if len(self.plan.panels) > 1:
-            scratch = Path(tempfile.mkdtemp(prefix=".conic-qp-panels-", dir=self.scratch_dir))
+            if self.scratch_dir is not None:  # a name clean_stale_temps knows (pid, host)
+                from conic_qp.paths import temp_path
+
+                scratch = temp_path(Path(self.scratch_dir) / "panels")
+                scratch.mkdir(parents=True)
+            else:
+                scratch = Path(tempfile.mkdtemp(prefix="conic-qp-panels-"))
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="conic-qp-read") as reader:
                 for panel in self.plan.panels:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,7 +58,11 @@ class SlideWriter(Protocol):
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
+    """A temporary name beside ``path`` that records this run (pid, host), so a killed run's
+    leftovers are found by :func:`conic_qp.locks.clean_stale_temps`."""
+    from conic_qp.paths import temp_path
+
+    return temp_path(path)
 
 
 def arrow_schema(classes: ClassScheme, with_label: bool) -> pa.Schema:
@@ -206,7 +209,7 @@ class LabelMapWriter:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = _tmp_name(self.path)
         try:
             self._array = zarr.open_array(
                 str(self.tmp),

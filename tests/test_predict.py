@@ -304,6 +304,34 @@ def test_outputs_run_json_and_geojson(synth: np.ndarray, tmp_path: Path) -> None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_run_that_fails_midway_leaves_the_previous_outputs(
+    synth: np.ndarray, tmp_path: Path
+) -> None:
+    """Writers build under temporary names: a crash in the middle changes nothing on disk."""
+    models = stand_in_models()
+    src = ImageSource(synth, 0.5, name="s1.png")
+    first = predict_slide(src, models, settings(), tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    table = read_table(first.outputs["table"])
+
+    class Broken(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net, self.calls = net, 0
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            self.calls += 1
+            if self.calls > 4:
+                raise RuntimeError("device lost")
+            return self.net(x)
+
+    broken = ModelSet([Broken(models.networks[0])], models.classes, 0.5, models.params)
+    with pytest.raises(RuntimeError, match="device lost"):
+        predict_slide(src, broken, settings(), tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    pd.testing.assert_frame_equal(read_table(first.outputs["table"]), table)
+
+
 @pytest.mark.slow  # starting worker processes takes seconds on a busy 2-core machine
 def test_worker_processes_give_the_same_result_as_inline(synth: np.ndarray, tmp_path: Path) -> None:
     models = stand_in_models()

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from conic_qp.metrics import EvaluationResult
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line (logs, pipes)
 log = logging.getLogger("conic_qp")
 
 

@@ -256,3 +256,43 @@ def test_predict_cli_with_an_exported_runtime(
     assert len(set(a["id"]) & set(b["id"])) >= 0.95 * max(len(a), len(b))
     code, text = predict("x", "--runtime", name, "--compile")
     assert code == 2 and "--runtime torch" in text
+
+
+def test_agreement_check_compares_what_post_processing_sees() -> None:
+    """Saturated logits may move by 1e-3 (float32 reassociation) without moving a probability."""
+    rng = np.random.default_rng(0)
+    want = {k: torch.from_numpy(rng.normal(0, 1, (1, c, 8, 8)).astype(np.float32))
+            for k, c in (("semantic", 4), ("three_label", 3), ("vectors", 2))}  # fmt: skip
+    want["three_label"][:, 0] += 150.0  # MC dropout masks scale activations this far
+    got = {k: v.numpy().copy() for k, v in want.items()}
+    got["three_label"][:, 0] += 3e-3
+    assert runtime._disagreement(got, want) < 1e-6
+    got["semantic"][:, 1] += 0.1  # a real disagreement of the probabilities
+    assert runtime._disagreement(got, want) > runtime.EXPORT_TOLERANCE
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_auto_falls_back_to_pytorch_when_a_graph_is_unusable(
+    name: str, net: ConicNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` keeps a run going on PyTorch; a runtime asked for by name fails clearly."""
+
+    calls: list[object] = []
+
+    def broken(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise ConicQPError("could not export the network to ONNX (test); use runtime torch")
+
+    monkeypatch.setattr(runtime, "export_graph", broken)
+    x = _images(2)
+    with torch.no_grad():
+        expected = net(x)
+        fallback = cpu_network(net, name, cache=tmp_path, fallback=True)
+        out = fallback(x)
+        out_again = fallback(x)  # remembered: no second export attempt
+    for key in ("semantic", "three_label", "vectors"):
+        assert torch.equal(out[key], expected[key]) and torch.equal(out_again[key], out[key])
+    assert len(calls) == 1
+    strict = cpu_network(net, name, cache=tmp_path)
+    with pytest.raises(ConicQPError, match="could not export"), torch.no_grad():
+        strict(x)

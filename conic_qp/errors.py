@@ -3,24 +3,59 @@
 Every problem caused by bad input is raised as :class:`ConicQPError` with a one-line message that
 says what is wrong and what to do. The CLI prints the message (no traceback) and exits non-zero.
 
+Internal invariants (a caller broke a contract) raise ``ValueError``/``TypeError`` instead.
+
 Subclasses name the kinds of problem callers may want to treat differently (an output that
-cannot be written, a path that would leave its folder, a slide without tissue); they never need
-their message parsed.
+cannot be written, a path that would leave its folder, a slide without tissue, a slide without a
+usable um/px); they never need their message parsed.
+
+Messages name settings, not command-line flags: a message built with :func:`option` reads
+``pass mpp ...`` from the library and ``pass --mpp ...`` from the CLI, which renders the marks
+with :meth:`ConicQPError.render` (or :func:`render` for a stored message).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
+from collections.abc import Callable
 
 __all__ = [
     "ConicQPError",
     "LockedError",
+    "MppError",
     "NoTissueError",
     "OutputError",
     "UnsafePathError",
+    "cli_flag",
     "describe_os_error",
+    "option",
+    "render",
 ]
+
+_MARK = "\x1f"
+_MARKED = re.compile(f"{_MARK}([^{_MARK}|]+)(?:\\|([^{_MARK}]*))?{_MARK}")
+
+
+def option(name: str, flag: str | None = None) -> str:
+    """Mark the setting ``name`` inside a message (``flag``: the CLI's spelling if not
+    ``--name-with-dashes``), e.g. ``f"... pass {option('mpp')} with the scan's um/px"``."""
+    if _MARK in name or "|" in name or (flag is not None and _MARK in flag):
+        raise ValueError(f"invalid option name {name!r}")
+    return f"{_MARK}{name}|{flag}{_MARK}" if flag else f"{_MARK}{name}{_MARK}"
+
+
+def cli_flag(name: str, flag: str | None = None) -> str:
+    """How the CLI spells a setting: the explicit ``flag``, else ``--`` + ``name`` with dashes."""
+    return flag or "--" + name.replace("_", "-")
+
+
+def render(message: str, flag: Callable[[str, str | None], str] | None = None) -> str:
+    """A marked message as text: settings by their library name, or through ``flag``."""
+    if flag is None:
+        return _MARKED.sub(lambda m: m.group(1), message)
+    return _MARKED.sub(lambda m: flag(m.group(1), m.group(2) or None), message)
 
 
 class ConicQPError(Exception):
@@ -32,6 +67,18 @@ class ConicQPError(Exception):
         if "\n" in message:
             message = " ".join(part.strip() for part in message.splitlines() if part.strip())
         super().__init__(message)
+
+    @property
+    def template(self) -> str:
+        """The message with its settings marked (:func:`option`)."""
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return render(self.template)
+
+    def render(self, flag: Callable[[str, str | None], str] | None = None) -> str:
+        """The message with its settings spelled by ``flag`` (the CLI passes :func:`cli_flag`)."""
+        return render(self.template, flag)
 
 
 class OutputError(ConicQPError):
@@ -67,6 +114,13 @@ class UnsafePathError(ConicQPError):
 
 class LockedError(ConicQPError):
     """Another live conic-qp run holds the lock on a folder or project."""
+
+
+class MppError(ConicQPError):
+    """A slide's level-0 um/px is missing or implausible and no override was given.
+
+    Callers with another calibration (a QuPath project's pixel size) retry with it.
+    """
 
 
 class NoTissueError(ConicQPError):

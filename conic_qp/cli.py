@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 
 from conic_qp import __version__
-from conic_qp.errors import ConicQPError, OutputError, describe_os_error
+from conic_qp.errors import ConicQPError, OutputError, cli_flag, describe_os_error
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -36,7 +36,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ConicQPError as exc:
-            _fail(str(exc), exc.exit_code)
+            _fail(exc.render(cli_flag), exc.exit_code)
         except OSError as exc:
             _fail(describe_os_error(exc), OutputError.exit_code)
 
@@ -647,6 +647,11 @@ def composition_cmd(
 @click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
               show_default=True, help="QuPath object type in the GeoJSON.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Skip slides already complete for this model.")
+@click.option("--cluster", default=None, metavar="local[:N]|ADDRESS|slurm|pbs|lsf",
+              help="Run the slides on Dask: local processes, a scheduler, or batch jobs.")  # fmt: skip
+@click.option("--cluster-config", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE.yaml", help="Jobs for slurm/pbs/lsf: cores, memory, gpus, walltime...")  # fmt: skip
+@click.option("--strict", is_flag=True, help="Exit 1 also when a slide has no tissue.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def predict_cmd(
     inputs: tuple[str, ...],
@@ -676,28 +681,34 @@ def predict_cmd(
     save_labels: bool,
     object_type: str,
     resume: bool,
+    cluster: str | None,
+    cluster_config: str | None,
+    strict: bool,
     quiet: bool,
 ) -> None:
     """Segment and classify nuclei in whole slides.
 
-    SLIDES are slide files, folders (all slides in them), globs or .txt lists (one path per
-    line). A failed slide does not stop the batch; failures are listed at the end (exit code 1).
+    SLIDES are slide files, folders (all slides in them), globs, .txt lists (one per line), QuPath
+    projects (project.qpproj: every image) or OMERO links. A failed slide does not stop the
+    batch; failures are listed at the end (exit code 1); slides without tissue are listed and
+    recorded with status no_tissue (exit code 0 unless --strict). With --cluster slides run as Dask
+    tasks (local processes, an existing scheduler, or SLURM/PBS/LSF jobs; docs/cohorts.md).
     """
     import os
 
+    from conic_qp.cohort import predict_paths
     from conic_qp.predict import (
         PredictSettings,
-        expand_inputs,
         load_models,
-        predict_paths,
         resolve_device,
         roi_from_boxes,
         roi_from_geojson,
     )
+    from conic_qp.sources import expand_refs
     from conic_qp.tta import TTAConfig
 
-    paths, missing = expand_inputs(inputs)
-    if not paths:
+    refs, missing = expand_refs(inputs)
+    if not refs:
         first = next(iter(missing.values()), "no input given")
         raise ConicQPError(f"no slide to run: {first}")
     if not model_paths:
@@ -711,6 +722,7 @@ def predict_cmd(
         import shapely
 
         roi = shapely.union_all(parts)
+    spec = _cluster_spec(cluster, cluster_config)
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     settings = PredictSettings(
@@ -732,30 +744,75 @@ def predict_cmd(
         save_labels=save_labels,
         object_type=object_type,  # type: ignore[arg-type]
     )
-    dev = resolve_device(device)
+    # on a cluster the workers load the models; this process needs them only to check the
+    # checkpoints and for the fingerprint --resume compares
+    dev = resolve_device("cpu" if spec is not None else device)
     models = load_models(model_paths, device=dev, thresholds=thresholds)
     models = _with_runtime(models, runtime, compile_models)
 
-    with _PredictProgress(len(paths), disabled=quiet) as progress:
-        batch = predict_paths(
-            paths, models, settings, out_dir, progress.update, roi, mpp=mpp, resume=resume
-        )
-    failures = {**missing, **batch.failures}
+    if spec is None:
+        with _PredictProgress(len(refs), disabled=quiet) as progress:
+            batch = predict_paths(
+                refs, models, settings, out_dir, progress.update, roi, mpp=mpp, resume=resume
+            )
+    else:
+        from conic_qp.cluster import DaskRunner, open_cluster
+
+        with open_cluster(spec, device=device) as client:
+            _print_cluster(client, spec, quiet)
+            with _CohortProgress(len(refs), disabled=quiet) as progress:
+                batch = predict_paths(
+                    refs, models, settings, out_dir, progress.update, roi, mpp=mpp,
+                    resume=resume, runner=DaskRunner(client, retries=spec.retries),
+                )  # fmt: skip
+    results = batch.cohort.results if batch.cohort is not None else []
+    failures = {**missing, **{r.ref.label: r.message(cli_flag) for r in results if not r.ok}}
     if not quiet:
-        done = [r for r in batch.results if not r.skipped]
-        skipped = len(batch.results) - len(done)
+        done = [r for r in results if r.status == "done"]
+        skipped = sum(r.status == "skipped" for r in results)
+        blank = [r for r in results if r.status == "no_tissue"]
         nuclei = sum(r.n_nuclei for r in done)
         console.print(
             f"[bold green]{len(done)} slide(s) done[/], {nuclei} nuclei"
             + (f", {skipped} skipped (--resume)" if skipped else "")
+            + (f", {len(blank)} without tissue" if blank else "")
             + f"; outputs in {out_dir}",
             highlight=False,
         )
+        for r in blank:
+            console.print(f"  no tissue: {r.ref.label}", highlight=False, soft_wrap=True)
     if failures:
         console.print(f"[bold red]{len(failures)} slide(s) failed:[/]", highlight=False)
         for key, msg in failures.items():
             console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    if strict and any(r.status == "no_tissue" for r in results):
+        sys.exit(1)
+
+
+def _cluster_spec(cluster: str | None, config: str | None) -> Any:
+    """The ClusterSpec of --cluster/--cluster-config (None: run in this process)."""
+    if cluster is None:
+        if config is not None:
+            raise ConicQPError("--cluster-config needs --cluster slurm, pbs or lsf (or local)")
+        return None
+    from conic_qp.cluster import ClusterSpec
+
+    return ClusterSpec.parse(cluster, config)
+
+
+def _print_cluster(client: Any, spec: Any, quiet: bool) -> None:
+    if quiet:
+        return
+    from conic_qp.cluster import dashboard_link
+
+    n = len(client.scheduler_info().get("workers", {}))
+    link = dashboard_link(client)
+    console.print(
+        f"running on {spec.describe()}: {n} worker(s) now"
+        + (f"; Dask dashboard: {link}" if link else "; install bokeh for the Dask dashboard"),
+        highlight=False,
+    )
 
 
 def _parse_se_window(text: str) -> int | None:
@@ -833,6 +890,52 @@ class _PredictProgress:
             self._progress.update(self._slides, completed=event.slide_index + 1)
         else:
             self._progress.update(self._tiles, description=f"{event.stage} {event.slide}")
+
+
+class _CohortProgress:
+    """rich progress of a cohort on a cluster: slides done/failed, nuclei, time left."""
+
+    def __init__(self, n_slides: int, disabled: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("slides"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=disabled,
+        )
+        self._task = self._progress.add_task("slides", total=n_slides, info="")
+        self.counts = {"done": 0, "failed": 0, "skipped": 0, "nuclei": 0}
+
+    def __enter__(self) -> _CohortProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def update(self, event: Any) -> None:
+        if event.stage not in ("finished", "failed", "skipped"):
+            return
+        key = {"finished": "done"}.get(event.stage, event.stage)
+        self.counts[key] += 1
+        self.counts["nuclei"] += int(event.nuclei or 0)
+        c = self.counts
+        info = f"{c['done']} done, {c['failed']} failed" + (
+            f", {c['skipped']} skipped" if c["skipped"] else ""
+        )
+        self._progress.update(self._task, advance=1, info=f"{info}, {c['nuclei']:,} nuclei")
 
 
 def _fmt(v: float) -> str:

@@ -72,7 +72,9 @@ _OWN_KEYS = ("kind", "jobs", "minimum_jobs", "maximum_jobs", "gpus", "retries", 
 
 def _require(module: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise ConicQPError(f"running on a cluster needs {module}, which is not installed; {INSTALL}")
+        raise ConicQPError(
+            f"running on a cluster needs {module}, which is not installed; {INSTALL}"
+        )
 
 
 # ----------------------------------------------------------------------------- the spec
@@ -166,8 +168,12 @@ def load_cluster_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConicQPError(f"cluster config {p} must be a mapping of settings (key: value)")
     for key in ("jobs", "minimum_jobs", "maximum_jobs", "gpus", "retries", "torch_threads"):
         value = data.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ConicQPError(f"cluster config {p}: {key} must be a whole number >= 0, got {value!r}")
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
+            raise ConicQPError(
+                f"cluster config {p}: {key} must be a whole number >= 0, got {value!r}"
+            )
     for key in ("job_extra_directives", "job_script_prologue", "worker_extra_args"):
         value = data.get(key)
         if value is not None and not (
@@ -238,7 +244,9 @@ def jobqueue_job_script(
     try:
         job = job_cls(scheduler=scheduler, name="conic-qp-worker", **kw)
     except TypeError as exc:
-        raise ConicQPError(f"the {kind} cluster config has a setting dask-jobqueue rejects ({exc})") from None
+        raise ConicQPError(
+            f"the {kind} cluster config has a setting dask-jobqueue rejects ({exc})"
+        ) from None
     return str(job.job_script())
 
 
@@ -318,7 +326,9 @@ def open_cluster(spec: ClusterSpec, *, device: str = "auto") -> Iterator[Any]:
         try:
             if spec.kind == "local":
                 gpus = list(spec.gpus) or ([] if device == "cpu" else _local_gpus())
-                n = spec.n_workers or (len(gpus) if gpus else min(4, max(1, (os.cpu_count() or 2) // 2)))
+                n = spec.n_workers or (
+                    len(gpus) if gpus else min(4, max(1, (os.cpu_count() or 2) // 2))
+                )
                 per_worker = max(1, (os.cpu_count() or 1) // n)
                 env = {}
                 if gpus:

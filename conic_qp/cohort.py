@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MANIFEST_FILE",
     "STATUSES",
+    "BatchResult",
     "CohortResult",
     "InProcessRunner",
     "Manifest",
@@ -67,6 +69,7 @@ __all__ = [
     "clear_model_cache",
     "is_done",
     "jobs_for",
+    "predict_paths",
     "run_cohort",
     "run_slide_job",
     "settings_from_json",
@@ -562,7 +565,9 @@ class Manifest:
         }
         schema = pa.schema([pa.field(name, types[kind]) for name, kind in _MANIFEST_COLUMNS])
         meta = {b"conic_qp": json.dumps({"format": MANIFEST_FORMAT, "version": 1}).encode()}
-        columns = {name: [row.get(name) for row in self.rows.values()] for name, _ in _MANIFEST_COLUMNS}
+        columns = {
+            name: [row.get(name) for row in self.rows.values()] for name, _ in _MANIFEST_COLUMNS
+        }
         table = pa.table(columns, schema=schema.with_metadata(meta))
         with atomic_path(self.path) as tmp:
             pq.write_table(table, tmp)
@@ -723,8 +728,13 @@ def run_cohort(
 
             stage = {"done": "finished", "no_tissue": "finished"}.get(res.status, res.status)
             on_progress(
-                Progress(res.name, stage, nuclei=res.n_nuclei, slide_index=order[res.key],
-                         slides_total=len(keys))  # fmt: skip
+                Progress(
+                    res.name,
+                    stage,
+                    nuclei=res.n_nuclei,
+                    slide_index=order[res.key],
+                    slides_total=len(keys),
+                )
             )
 
     pending: list[SlideJob] = []
@@ -765,3 +775,86 @@ def jobs_for(
             SlideJob(ref, os.fspath(out_dir), stem, settings, model, roi, mpp, resume=resume)
         )
     return out
+
+
+# ------------------------------------------------------------------------------ predict
+
+
+#: The cohort manifest written beside a batch's outputs (one row per slide).
+MANIFEST_FILE = "manifest.parquet"
+
+
+@dataclass
+class BatchResult:
+    """Results of :func:`predict_paths`: the slides done, skipped or without tissue
+    (``results``), ``failures`` (input -> message) and the whole cohort's record (``cohort``:
+    every slide in input order, the manifest)."""
+
+    results: list[SlideResult]
+    failures: dict[str, str]
+    cohort: CohortResult | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def predict_paths(
+    paths: Sequence[str | os.PathLike[str] | SlideRef],
+    models: ModelSet,
+    settings: PredictSettings,
+    out_dir: str | os.PathLike[str],
+    on_progress: Callable[[Progress], None] | None = None,
+    roi: shapely.Geometry | None = None,
+    *,
+    mpp: float | None = None,
+    resume: bool = False,
+    compile_models: bool | None = None,
+    runner: Runner | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+) -> BatchResult:
+    """Run many slides; a failed slide is recorded and the batch goes on.
+
+    One :class:`~conic_qp.cohort.SlideJob` per slide through :func:`conic_qp.cohort.run_cohort`.
+
+    Parameters
+    ----------
+    paths : slide files or references (:func:`conic_qp.sources.expand_refs` makes them from
+        folders, globs, lists, QuPath projects and OMERO links).
+    mpp : level-0 um/px forced for every slide.
+    resume : skip slides whose run.json is complete for the same models and thresholds.
+    compile_models : ``torch.compile`` the networks (default ``settings.compile``).
+    runner : where slides run (default: in this process; a :class:`conic_qp.cluster.DaskRunner`
+        runs them on a cluster whose workers load the checkpoints of ``models`` themselves).
+    manifest : the cohort's Parquet manifest (default ``<out_dir>/manifest.parquet``).
+    """
+    from conic_qp.paths import unique_stems
+    from conic_qp.predict import _compile, slide_stem
+
+    refs = [p if isinstance(p, SlideRef) else SlideRef.file(p) for p in paths]
+    stems = unique_stems(
+        [r.location if r.is_file else r.uri for r in refs], stem=lambda p: slide_stem(p.name)
+    )
+    compile_nets = compile_models if compile_models is not None else settings.compile
+    spec: ModelSpec | None = None
+    if runner is None or isinstance(runner, InProcessRunner):
+        if compile_nets:
+            models = dataclasses.replace(models, networks=[_compile(n) for n in models.networks])
+        runner = InProcessRunner(models) if runner is None else runner
+    else:
+        spec = ModelSpec.from_models(models, settings.device)
+        spec = dataclasses.replace(spec, compile=compile_nets)
+    jobs = [
+        SlideJob(ref, os.fspath(out_dir), stem, settings, spec, roi, mpp, resume=resume)
+        for ref, stem in zip(refs, stems, strict=True)
+    ]
+    cohort = run_cohort(
+        jobs,
+        runner=runner,
+        models=models,
+        manifest=manifest if manifest is not None else Path(out_dir) / MANIFEST_FILE,
+        resume=resume,
+        on_progress=on_progress,
+    )
+    done = [r for r in cohort.results if r.status != "failed"]
+    return BatchResult(done, cohort.failures, cohort)

@@ -21,8 +21,6 @@ agreement with whole-image inference are in ``docs/inference.md``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -49,7 +47,7 @@ from conic_qp.plan import SlidePlan, plan_slide
 from conic_qp.postprocess import PostprocessParams
 from conic_qp.run_record import RUN_FORMAT, RUN_VERSION, build_run_record, is_complete
 from conic_qp.settings import PredictSettings
-from conic_qp.slides import SlideSource, open_slide
+from conic_qp.slides import SLIDE_SUFFIXES, SlideSource
 from conic_qp.writers import GeoJSONWriter, LabelMapWriter, SlideWriter, TableWriter
 
 log = logging.getLogger(__name__)
@@ -58,7 +56,6 @@ __all__ = [
     "RUN_FORMAT",
     "RUN_VERSION",
     "SLIDE_SUFFIXES",
-    "BatchResult",
     "ModelSet",
     "PredictSettings",
     "Progress",
@@ -70,7 +67,6 @@ __all__ = [
     "make_executor",
     "output_paths",
     "plan_slide",
-    "predict_paths",
     "predict_slide",
     "resolve_device",
     "roi_from_boxes",
@@ -78,19 +74,6 @@ __all__ = [
     "slide_stem",
 ]
 
-#: File suffixes taken from a folder given as input (tiffslide formats and plain images).
-SLIDE_SUFFIXES: tuple[str, ...] = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".scn",
-    ".bif",
-    ".qptiff",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
 
 
 @dataclass
@@ -124,18 +107,6 @@ class SlideResult:
     timings: dict[str, float]
     skipped: bool = False
     plan: SlidePlan | None = None
-
-
-@dataclass
-class BatchResult:
-    """Results of :func:`predict_paths`; ``failures`` maps input path to the error message."""
-
-    results: list[SlideResult]
-    failures: dict[str, str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
 
 # -------------------------------------------------------------------------------------- models
@@ -267,52 +238,22 @@ def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], 
     """Slide paths from folders, globs, ``.txt`` lists (one path per line) and plain files.
 
     Returns the unique paths in order and the inputs that matched nothing (with a message), so a
-    batch can report them as failures instead of stopping.
+    batch can report them as failures instead of stopping. The file-only view of
+    :func:`conic_qp.sources.expand_refs` (which also takes QuPath projects and OMERO
+    references): references that are not files, or that cannot be opened, count as missing.
     """
+    from conic_qp.sources import expand_refs
+
+    refs, missing = expand_refs(items)
     paths: list[Path] = []
-    missing: dict[str, str] = {}
-
-    def add(p: Path) -> None:
-        if p not in paths:
-            paths.append(p)
-
-    for item in items:
-        text = str(item)
-        p = Path(text).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and _is_slide_name(q))
-            if not found:
-                missing[text] = f"folder {p} holds no slide files ({', '.join(SLIDE_SUFFIXES)})"
-            for q in found:
-                add(q)
-        elif p.suffix.lower() == ".txt" and p.is_file():
-            for line in p.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                q = Path(line).expanduser()
-                if not q.is_absolute():
-                    q = p.parent / q
-                if q.exists():
-                    add(q)
-                else:
-                    missing[line] = f"{q} (listed in {p}) does not exist"
-        elif p.exists():
-            add(p)
-        elif glob.has_magic(text):
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
-            matches = [m for m in matches if m.is_file()]
-            if not matches:
-                missing[text] = f"no file matches {text}"
-            for m in matches:
-                add(m)
+    for ref in refs:
+        if ref.problem:
+            missing[ref.label] = ref.problem
+        elif not ref.is_file:
+            missing[ref.label] = f"{ref.uri} is not a file; this command reads slide files"
         else:
-            missing[text] = f"slide file {p} does not exist; check the path"
+            paths.append(ref.path)
     return paths, missing
-
-
-def _is_slide_name(p: Path) -> bool:
-    return not p.name.startswith(".") and p.suffix.lower() in SLIDE_SUFFIXES
 
 
 def slide_stem(path: str | os.PathLike[str]) -> str:
@@ -543,109 +484,6 @@ def _model_device(models: ModelSet) -> torch.device:
     for b in models.networks[0].buffers():
         return b.device
     return torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------ batch
-
-
-def _unique_stems(paths: Sequence[Path]) -> dict[Path, str]:
-    stems = [slide_stem(p) for p in paths]
-    dup = {s for s in stems if stems.count(s) > 1}
-    return {
-        p: (p.name.replace(".", "_") if s in dup else s) for p, s in zip(paths, stems, strict=True)
-    }
-
-
-def predict_paths(
-    paths: Sequence[str | os.PathLike[str]],
-    models: ModelSet,
-    settings: PredictSettings,
-    out_dir: str | os.PathLike[str],
-    on_progress: ProgressCallback | None = None,
-    roi: shapely.Geometry | None = None,
-    *,
-    mpp: float | None = None,
-    resume: bool = False,
-    compile_models: bool | None = None,
-) -> BatchResult:
-    """Run many slides; a failed slide is recorded and the batch goes on.
-
-    Parameters
-    ----------
-    paths : slide files (see :func:`expand_inputs` for folders, globs and lists).
-    mpp : level-0 um/px forced for every slide (``--mpp``).
-    resume : skip slides whose run.json is complete for the same models and thresholds.
-    compile_models : ``torch.compile`` the networks (default ``settings.compile``).
-    """
-    slides = [Path(p) for p in paths]
-    stems = _unique_stems(slides)
-    results: list[SlideResult] = []
-    failures: dict[str, str] = {}
-    if compile_models if compile_models is not None else settings.compile:
-        models = dataclasses.replace(models, networks=[_compile(n) for n in models.networks])
-    executor = make_executor(settings.workers)
-    try:
-        for i, path in enumerate(slides):
-            stem = stems[path]
-            out = output_paths(out_dir, stem)
-            wrap = _with_index(on_progress, i, len(slides))
-            if resume and is_complete(out["run"], models.fingerprint):
-                log.info("%s: complete run found, skipped (--resume)", path.name)
-                data = json.loads(out["run"].read_text(encoding="utf-8"))
-                results.append(
-                    SlideResult(
-                        path.name,
-                        {k: out["run"].parent / v for k, v in data.get("outputs", {}).items()},
-                        int(data.get("nuclei", 0)),
-                        dict(data.get("class_counts", {})),
-                        int(data.get("grid", {}).get("tiles_run", 0)),
-                        {},
-                        skipped=True,
-                    )
-                )
-                if wrap is not None:
-                    wrap(Progress(path.name, "skipped"))
-                continue
-            try:
-                with open_slide(path, mpp=mpp) as source:
-                    results.append(
-                        predict_slide(
-                            source,
-                            models,
-                            settings,
-                            out_dir,
-                            wrap,
-                            roi,
-                            executor=executor,
-                            stem=stem,
-                            slide_path=str(path.resolve()),
-                        )
-                    )
-            except ConicQPError as exc:
-                log.error("%s: %s", path.name, exc)
-                failures[str(path)] = str(exc)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # one broken slide must not stop a cohort
-                log.exception("%s failed", path)
-                failures[str(path)] = f"{type(exc).__name__}: {exc}"
-            if wrap is not None:
-                wrap(Progress(path.name, "failed" if str(path) in failures else "finished"))
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-    return BatchResult(results, failures)
-
-
-def _with_index(cb: ProgressCallback | None, i: int, n: int) -> ProgressCallback | None:
-    if cb is None:
-        return None
-
-    def wrapped(p: Progress) -> None:
-        p.slide_index, p.slides_total = i, n
-        cb(p)
-
-    return wrapped
 
 
 def _compile(net: nn.Module) -> nn.Module:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlparse
 
 from conic_qp.errors import ConicQPError, MppError
+from conic_qp.slides import DICOM_SUFFIXES, SLIDE_SUFFIXES, is_dicom_folder
 
 if TYPE_CHECKING:
     from conic_qp.qupath.project import ProjectImage, QuPathProject
@@ -61,27 +62,6 @@ __all__ = [
 
 FILE = "file"
 OMERO = "omero"
-
-#: File suffixes taken from a folder given as input: what tiffslide, openslide (fallback) and
-#: Pillow open, and single-file DICOM. A folder holding only ``.dcm`` files is one DICOM slide.
-SLIDE_SUFFIXES: tuple[str, ...] = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".scn",
-    ".bif",
-    ".qptiff",
-    ".mrxs",
-    ".vms",
-    ".vmu",
-    ".svslide",
-    ".dcm",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
-DICOM_SUFFIXES: tuple[str, ...] = (".dcm",)
 
 _REF_VERSION = 1
 
@@ -318,24 +298,6 @@ def _open_file(ref: SlideRef, mpp: float | None = None, **options: Any) -> Slide
     return open_slide(ref.path, mpp=mpp, **options)
 
 
-def is_dicom_folder(path: str | os.PathLike[str]) -> bool:
-    """True for a folder holding ``.dcm`` files and no other slide files: one DICOM WSI
-    (one file per pyramid level, as DICOM stores them)."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    has_dicom = False
-    for q in p.iterdir():
-        if not q.is_file() or q.name.startswith("."):
-            continue
-        suffix = q.suffix.lower()
-        if suffix in DICOM_SUFFIXES:
-            has_dicom = True
-        elif suffix in SLIDE_SUFFIXES:
-            return False
-    return has_dicom
-
-
 def _is_slide_name(p: Path) -> bool:
     return not p.name.startswith(".") and p.suffix.lower() in SLIDE_SUFFIXES
 
@@ -346,7 +308,9 @@ def _folder_slides(folder: Path) -> list[Path]:
         return [folder]
     files = sorted(q for q in folder.iterdir() if q.is_file() and _is_slide_name(q))
     dicom_dirs = sorted(
-        q for q in folder.iterdir() if q.is_dir() and not q.name.startswith(".") and is_dicom_folder(q)
+        q
+        for q in folder.iterdir()
+        if q.is_dir() and not q.name.startswith(".") and is_dicom_folder(q)
     )
     return files + dicom_dirs
 
@@ -388,7 +352,9 @@ def expand_refs(
             seen.add(key)
             refs.append(ref)
 
-    def add_one(item: str | os.PathLike[str] | SlideRef, base: Path | None, listed_in: Path | None) -> None:
+    def add_one(
+        item: str | os.PathLike[str] | SlideRef, base: Path | None, listed_in: Path | None
+    ) -> None:
         if isinstance(item, SlideRef):
             for ref in _expand_scheme(item):
                 add(ref)

@@ -26,7 +26,7 @@ from tests.helpers_models import make_tiny_checkpoint, settings
 from tests.helpers_slides import write_pyramidal_tiff
 
 pytest.importorskip("distributed")
-from conic_qp.cluster import (  # noqa: E402
+from conic_qp.cluster import (
     ClusterSpec,
     DaskRunner,
     jobqueue_job_script,

@@ -106,9 +106,10 @@ def test_failures_are_results_and_the_manifest_follows_the_cohort(
     res = run_cohort(jobs, models=models, manifest=manifest, on_result=on_result)
     assert [r.status for r in res.results] == ["failed", "done", "done"]
     assert list(res.failures) == [str(slides / "broken.tif")]
-    assert "incomplete" in res.failures[str(slides / "broken.tif")] or "truncated" in res.failures[
-        str(slides / "broken.tif")
-    ]
+    assert (
+        "incomplete" in res.failures[str(slides / "broken.tif")]
+        or "truncated" in res.failures[str(slides / "broken.tif")]
+    )
     table = pd.read_parquet(manifest)
     assert list(table["key"]) == ["broken", "s0", "s1"]
     assert list(table["status"]) == ["failed", "done", "done"]
@@ -148,7 +149,9 @@ def test_interrupt_propagates_and_invariants_are_not_user_errors(
     interrupted = type(models)([Boom()], models.classes, models.mpp, models.params, models.info)
     started: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        run_cohort(jobs, runner=InProcessRunner(interrupted), on_start=lambda j: started.append(j.key))
+        run_cohort(
+            jobs, runner=InProcessRunner(interrupted), on_start=lambda j: started.append(j.key)
+        )
     assert started == ["s0"]
     with pytest.raises(ValueError, match="unique"):
         run_cohort([jobs[0], jobs[0]], models=models)

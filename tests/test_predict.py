@@ -26,6 +26,7 @@ import shapely
 import torch
 from skimage.color import hed_from_rgb
 
+from conic_qp.cohort import predict_paths
 from conic_qp.engine import SlideEngine, segment_image
 from conic_qp.errors import ConicQPError
 from conic_qp.metrics import match_instances
@@ -37,7 +38,6 @@ from conic_qp.predict import (
     Progress,
     expand_inputs,
     load_models,
-    predict_paths,
     predict_slide,
     resolve_device,
     roi_from_boxes,

@@ -146,7 +146,9 @@ def test_registry_opens_by_scheme_and_uses_calibration_only_as_a_fallback(
             raise MppError(f"{ref.name} has no um/px")
         return ImageSource(image, mpp or 0.5, name=ref.name)
 
-    register_scheme("mem", opener, parse=lambda t: SlideRef("mem", t) if t.startswith("mem://") else None)
+    register_scheme(
+        "mem", opener, parse=lambda t: SlideRef("mem", t) if t.startswith("mem://") else None
+    )
     try:
         ref = parse_ref("mem://nompp")
         assert ref is not None and ref.scheme == "mem"

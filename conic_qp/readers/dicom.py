@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from conic_qp.errors import ConicQPError
-from conic_qp.slides import PyramidSource, _not_rgb, _pair_mpp, _resolve_mpp
+from conic_qp.pyramid import PyramidSource, _not_rgb, _pair_mpp, _resolve_mpp
 
 log = logging.getLogger(__name__)
 

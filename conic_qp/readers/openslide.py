@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from conic_qp.errors import ConicQPError
-from conic_qp.slides import PyramidSource, _composite_alpha, _pair_mpp, _resolve_mpp
+from conic_qp.pyramid import PyramidSource, _composite_alpha, _pair_mpp, _resolve_mpp
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@
       weights.safetensors   ConicNet state dict (fp32, or fp16 with ``half=True``)
       config.json           format + version, ModelConfig, ClassScheme, um/px, provenance
       thresholds.json       post-processing thresholds (optional; PostprocessParams JSON)
+      thresholds_task2.json thresholds tuned for Task 2 counting (optional)
 
 The class list and the resolution live here, never in the pipeline. A checkpoint is written into a
 temporary folder beside the target and renamed, so readers never see half a checkpoint and an
@@ -45,6 +46,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 THRESHOLDS_FILE = "thresholds.json"
+#: Thresholds tuned for Task 2 (counting, R2) by `conic-qp tune --task 2`, beside the Task 1 ones.
+THRESHOLDS_TASK2_FILE = "thresholds_task2.json"
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 

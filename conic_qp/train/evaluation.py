@@ -7,7 +7,7 @@ of 32 are re-cut into 256 px tiles so the network can run on them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,18 @@ from typing import Any
 import numpy as np
 
 from conic_qp.errors import ConicQPError
+from conic_qp.train.predictions import iter_probabilities, labelled_truth, predicted_labels
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "evaluate_checkpoint",
+    "iter_probabilities",
+    "labelled_truth",
+    "load_eval_data",
+    "parse_data_spec",
+    "predicted_labels",
+]
 
 
 def parse_data_spec(spec: str) -> Any:
@@ -71,49 +81,6 @@ def load_eval_data(
     return ckpt, val
 
 
-def iter_probabilities(
-    model: Any, images: Any, tta: int = 1, seed: int = 0, batch_size: int = 8
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(semantic, three_label) probabilities of each (N, H, W, 3) uint8 tile, one at a time.
-
-    ``tta`` = 1 is a plain eval-mode forward pass; more passes add TTA and MC dropout. Tiles are
-    yielded as they are computed, so scoring many tiles never holds all their probabilities.
-    """
-    import torch
-
-    from conic_qp.tta import TTAConfig, predict_probabilities
-
-    device = next(model.parameters()).device
-    cfg = TTAConfig(passes=tta, mc_dropout=tta > 1)
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images[i : i + batch_size])))
-        x = x.permute(0, 3, 1, 2).float().div(255).to(device)
-        out = predict_probabilities([model], x, cfg, seed=seed + i)
-        sem, tl = out["semantic"].cpu().numpy(), out["three_label"].cpu().numpy()
-        yield from ((sem[j], tl[j]) for j in range(sem.shape[0]))
-
-
-def labelled_truth(data: Any) -> np.ndarray:
-    """(N, H, W, 2) truth; nuclei of unknown class (-1) become class 0 (instance-only)."""
-    class_maps = data.class_maps
-    if class_maps is None:
-        raise ConicQPError("the data has no class labels")
-    cls = np.where(class_maps < 0, 0, class_maps)
-    return np.stack([data.inst_maps, cls], axis=-1).astype(np.int32)
-
-
-def predicted_labels(probs: Iterable[tuple[np.ndarray, np.ndarray]], params: Any) -> np.ndarray:
-    """(N, H, W, 2) predicted label maps after post-processing with ``params``."""
-    from conic_qp.postprocess import postprocess
-
-    out = []
-    for sem, tl in probs:
-        inst = postprocess(sem, tl, params)
-        lut = np.concatenate([[0], inst.classes]).astype(np.int32)
-        out.append(np.stack([inst.labels, lut[inst.labels]], axis=-1))
-    return np.stack(out)
-
-
 def evaluate_checkpoint(
     model_path: str | Path,
     data_specs: Sequence[str],
@@ -126,10 +93,10 @@ def evaluate_checkpoint(
     """CoNIC scores of a checkpoint on labelled tiles, with its tuned thresholds for ``task``."""
     import json
 
+    from conic_qp.checkpoint import THRESHOLDS_TASK2_FILE
     from conic_qp.metrics import evaluate
     from conic_qp.postprocess import PostprocessParams
     from conic_qp.sinks import atomic_path
-    from conic_qp.train.tune import THRESHOLDS_TASK2_FILE
 
     if not data_specs:
         raise ConicQPError("--model needs labelled tiles: pass --data FORMAT:PATH[@SPLIT]")

@@ -53,8 +53,8 @@ from conic_qp.train.data import (
     retile,
     scheme_from_json,
 )
-from conic_qp.train.evaluation import iter_probabilities, labelled_truth, predicted_labels
 from conic_qp.train.losses import ConicLoss
+from conic_qp.train.predictions import iter_probabilities, labelled_truth, predicted_labels
 from conic_qp.train.sampling import EpochSampler, class_pixel_fractions, importance_weights
 
 logger = logging.getLogger(__name__)

@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from conic_qp.checkpoint import THRESHOLDS_TASK2_FILE
 from conic_qp.errors import ConicQPError
 from conic_qp.metrics import evaluate
 from conic_qp.postprocess import PostprocessParams
 from conic_qp.sinks import write_json_atomic
-from conic_qp.train.evaluation import predicted_labels
+from conic_qp.train.predictions import iter_probabilities, labelled_truth, predicted_labels
 
 logger = logging.getLogger(__name__)
 
-THRESHOLDS_TASK2_FILE = "thresholds_task2.json"
 ABLATION_FLAGS = (
     "class_specific_seed",
     "class_specific_fg",
@@ -191,7 +191,7 @@ def tune_on_data(
     ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``); ``output`` writes the
     thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint.
     """
-    from conic_qp.train.evaluation import iter_probabilities, labelled_truth, load_eval_data
+    from conic_qp.train.evaluation import load_eval_data
 
     ckpt, val = load_eval_data(model_path, data_specs, config_path, max_tiles, device, seed)
     scheme = ckpt.classes

@@ -737,6 +737,11 @@ def run_cohort(
                 )
             )
 
+    from conic_qp.locks import clean_stale_temps
+
+    for folder in sorted({j.out_dir for j in jobs}):
+        with contextlib.suppress(OSError):  # leftovers of dead runs on this host
+            clean_stale_temps(folder)
     pending: list[SlideJob] = []
     for job in jobs:
         if resume and models is not None and is_done(job, models.fingerprint):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from conic_qp.classes import CONIC, ClassScheme
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.inputs import load_npy
 from conic_qp.metrics import EvaluationResult, evaluate
 
@@ -32,7 +32,8 @@ def parse_class_names(text: str | None) -> list[str]:
     names = [part.strip() for part in text.split(",")]
     if not names or any(not n for n in names):
         raise ConicQPError(
-            f"--classes {text!r} has an empty name; give comma-separated names for ids 1..C"
+            f"{option('classes')} {text!r} has an empty name; give comma-separated names for ids "
+            "1..C"
         )
     ClassScheme.from_names("custom", names)  # rejects duplicates with a one-line message
     return names
@@ -104,7 +105,7 @@ def check_values(arr: np.ndarray, n_classes: int, what: str, chunk_size: int = C
             raise ConicQPError(
                 f"{what} labels have class id {top} but only {n_classes} "
                 f"class{'es' if n_classes != 1 else ''} known; "
-                "pass the class names with --classes name1,name2,..."
+                f"pass the class names with {option('classes')} name1,name2,..."
             )
         _check_one_class(inst, cls, start, what)
 

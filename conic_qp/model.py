@@ -31,7 +31,7 @@ from timm.models import adapt_input_conv
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 
 logger = logging.getLogger(__name__)
 
@@ -475,11 +475,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError as exc:
         raise ConicQPError(f"unknown device {name!r}; use cpu, cuda, mps or auto") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConicQPError("--device cuda: no CUDA GPU is available; use --device cpu or auto")
+        raise ConicQPError(
+            f"{option('device')} cuda: no CUDA GPU is available; use {option('device')} cpu or auto"
+        )
     if device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ConicQPError("--device mps: Apple MPS is not available; use --device cpu")
+            raise ConicQPError(
+                f"{option('device')} mps: Apple MPS is not available; use {option('device')} cpu"
+            )
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConicQPError(f"unsupported device {name!r}; use cpu, cuda, mps or auto")
     return device

@@ -240,7 +240,7 @@ class PyramidSource:
             f"reading {where} of {self._name} into {out[0]} x {out[1]} px needs "
             f"{_size(nbytes)} of memory, "
             f"more than the {_size(free)} available; the slide's {self._mpp:.4g} um/px is "
-            "probably wrong (check --mpp), or read a smaller region"
+            f"probably wrong (check {option('mpp')}), or read a smaller region"
         )
 
     def _resample(

@@ -21,7 +21,7 @@ import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import nn
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.model import set_mc_dropout
 
 _LOG_EPS = math.log(1e-6)
@@ -52,7 +52,9 @@ class TTAConfig:
 
     def __post_init__(self) -> None:
         if self.passes < 1:
-            raise ConicQPError(f"--tta must be at least 1 (got {self.passes})")
+            raise ConicQPError(
+                f"{option('passes', '--tta')} must be at least 1 (got {self.passes})"
+            )
         if self.max_batch < 1:
             raise ConicQPError(f"batch size must be at least 1 (got {self.max_batch})")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.train.predictions import iter_probabilities, labelled_truth, predicted_labels
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def parse_data_spec(spec: str) -> Any:
     fmt, sep, rest = spec.partition(":")
     if not sep or fmt not in DATA_FORMATS or not rest:
         raise ConicQPError(
-            f"--data {spec!r} must look like FORMAT:PATH[@SPLIT] with FORMAT in {', '.join(DATA_FORMATS)}"
+            f"{option('data')} {spec!r} must look like FORMAT:PATH[@SPLIT] with FORMAT in "
+            f"{', '.join(DATA_FORMATS)}"
         )
     path, _, split = rest.partition("@")
     return DataSource(format=fmt, path=path, split=split or None)
@@ -72,7 +73,9 @@ def load_eval_data(
             sets.append(replace(data, scheme=scheme) if data.class_maps is not None else data)
         val = concat_sets(sets)
     else:
-        raise ConicQPError("give labelled data with --data FORMAT:PATH[@SPLIT] or --config")
+        raise ConicQPError(
+            f"give labelled data with {option('data')} FORMAT:PATH[@SPLIT] or {option('config')}"
+        )
     if val.class_maps is None:
         raise ConicQPError("the data has no class labels; scoring needs labelled tiles")
     if max_tiles is not None and len(val) > max_tiles:
@@ -99,7 +102,9 @@ def evaluate_checkpoint(
     from conic_qp.sinks import atomic_path
 
     if not data_specs:
-        raise ConicQPError("--model needs labelled tiles: pass --data FORMAT:PATH[@SPLIT]")
+        raise ConicQPError(
+            f"{option('model')} needs labelled tiles: pass {option('data')} FORMAT:PATH[@SPLIT]"
+        )
     ckpt, data = load_eval_data(model_path, data_specs, device=device, seed=seed)
     thresholds = ckpt.thresholds
     task2 = Path(model_path) / THRESHOLDS_TASK2_FILE

@@ -6,7 +6,7 @@ import torch
 from skimage.color import hed2rgb, rgb2hed
 from torch import nn
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, cli_flag
 from conic_qp.targets import center_vectors
 from conic_qp.tta import (
     TTAConfig,
@@ -141,7 +141,8 @@ def test_chunking_does_not_change_the_result() -> None:
 
 
 def test_bad_config_and_input() -> None:
-    with pytest.raises(ConicQPError, match="--tta"):
+    with pytest.raises(ConicQPError, match="passes must be at least 1") as info:
         TTAConfig(passes=0)
+    assert info.value.render(cli_flag).startswith("--tta must")  # the CLI's flag
     with pytest.raises(ConicQPError, match="shape"):
         predict_probabilities([PointwiseNet()], torch.rand(3, 8, 8))

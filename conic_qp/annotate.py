@@ -48,6 +48,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import shapely
 
 from conic_qp.errors import ConicQPError
+from conic_qp.outputs import (
+    ANNOTATE_DIR,
+    ANNOTATE_RUN_FILE,
+    GROOVY_DIR,
+    IMPORT_SCRIPT,
+    detections_dir,
+    legacy_detections_file,
+    region_file,
+    regions_path,
+    used_regions_path,
+)
 from conic_qp.predict import ModelSet, PredictSettings, Progress, make_executor, predict_slide
 from conic_qp.qupath.classes import classes_path as qupath_classes_path
 from conic_qp.qupath.classes import read_path_classes, update_project_classes
@@ -56,13 +67,10 @@ from conic_qp.qupath.project import (
     QuPathProject,
     UriFix,
     backup_file,
-    detections_dir,
     find_project_file,
     fix_image_uris,
-    legacy_detections_file,
     project_lock,
     read_project,
-    regions_path,
 )
 from conic_qp.sinks import atomic_path, remove_inside, write_json_atomic
 from conic_qp.sinks.geojson import (
@@ -93,11 +101,9 @@ __all__ = [
 ]
 
 #: conic-qp's own outputs inside the project folder (tables, per-image run records, run.json).
-OUTPUT_DIR = "conic-qp"
-RUN_FILE = "run.json"
+OUTPUT_DIR = ANNOTATE_DIR
+RUN_FILE = ANNOTATE_RUN_FILE
 RUN_FORMAT = "conic-qp annotate run"
-GROOVY_DIR = "groovy"
-IMPORT_SCRIPT = "import_conic_qp.groovy"
 
 Backend = Literal["auto", "paquo", "geojson"]
 RegionMode = Literal["annotations", "tissue"]
@@ -215,8 +221,6 @@ def find_regions(
     Returns (regions, file) or None when no file exists. A file with no polygon annotation gives
     an empty list (the caller then falls back to the tissue).
     """
-    from conic_qp.composition import region_file
-
     path: Path | None = None
     if regions_geojson is not None:
         path = region_file(Path(regions_geojson), [image.entry_id, image.name])
@@ -517,7 +521,7 @@ def _annotate_image(
         log.info("%s: no annotations found; running on the whole tissue", image.name)
     outcome.n_regions = len(found)
     roi = shapely.union_all([r.geometry for r in found]) if found else None
-    regions_file = out_dir / f"{image.entry_id}.regions.geojson"
+    regions_file = used_regions_path(out_dir, image.entry_id)
     with _open(image, opts.mpp) as source_slide:
         outcome.area_px = (
             float(roi.area) if roi is not None else _tissue_area(source_slide, settings)

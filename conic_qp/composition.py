@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,15 @@ import shapely
 
 from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
+from conic_qp.outputs import (
+    ANNOTATE_DIR,
+    ANNOTATE_RUN_FILE,
+    TABLE_SUFFIX,
+    region_file,
+    regions_path,
+    used_regions_path,
+)
+from conic_qp.regions import Region, qupath_centroids
 
 log = logging.getLogger(__name__)
 
@@ -101,44 +110,36 @@ def applicable_ratios(
     return [r for r in ratios if r.applies_to(names)]
 
 
-@dataclass(frozen=True)
-class CompositionRegion:
-    """A region to count in, in level-0 pixels.
+def CompositionRegion(
+    label: str,
+    geometry: shapely.Geometry | None = None,
+    class_name: str | None = None,
+    id: str | None = None,
+    area_px: float | None = None,
+    properties: Mapping[str, Any] | None = None,
+) -> Region:
+    """A :class:`~conic_qp.regions.Region` to count in, labelled ``label``.
 
     ``geometry=None`` is the whole slide/tissue: every nucleus of the table belongs to it and
     ``area_px`` (level-0 px^2) gives its area (NaN when unknown).
     """
-
-    label: str
-    geometry: shapely.Geometry | None = None
-    class_name: str | None = None
-    id: str | None = None
-    area_px: float | None = None
-    properties: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def area(self) -> float:
-        """Area in level-0 px^2."""
-        if self.area_px is not None:
-            return float(self.area_px)
-        return float(self.geometry.area) if self.geometry is not None else math.nan
+    return Region(geometry, label, class_name, id, dict(properties or {}), area_px)
 
 
-def regions_from(items: Iterable[Any]) -> list[CompositionRegion]:
-    """:class:`CompositionRegion` s from GeoJSON/paquo regions (anything with ``geometry`` and
-    optionally ``name``, ``class_name``, ``id``); unnamed regions are labelled by class, and
-    repeated labels get `` #2``, `` #3`` so every (slide, region) row is unique."""
-    out: list[CompositionRegion] = []
+def regions_from(items: Iterable[Any]) -> list[Region]:
+    """Regions labelled for composition tables, from GeoJSON/paquo/OMERO regions (anything with
+    ``geometry`` and optionally ``name``, ``class_name``, ``id``, ``area_px``); unnamed regions
+    are labelled by class, and repeated labels get `` #2``, `` #3`` so every (slide, region) row
+    is unique."""
+    out: list[Region] = []
     seen: dict[str, int] = {}
     for i, r in enumerate(items):
-        if isinstance(r, CompositionRegion):
-            base = r.label
-        else:
-            base = getattr(r, "name", None) or getattr(r, "class_name", None) or f"region {i + 1}"
+        base = getattr(r, "name", None) or getattr(r, "class_name", None) or f"region {i + 1}"
         seen[base] = seen.get(base, 0) + 1
         label = base if seen[base] == 1 else f"{base} #{seen[base]}"
-        if isinstance(r, CompositionRegion):
-            out.append(CompositionRegion(label, r.geometry, r.class_name, r.id, r.area_px))
+        area_px = getattr(r, "area_px", None)
+        if area_px is not None:
+            out.append(CompositionRegion(label, r.geometry, r.class_name, r.id, area_px))
             continue
         rid = getattr(r, "id", None)
         out.append(
@@ -160,64 +161,6 @@ def regions_from(items: Iterable[Any]) -> list[CompositionRegion]:
 
 
 # ------------------------------------------------------------------------------- membership
-
-
-def qupath_centroids(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids of the nuclei as QuPath computes them for the objects conic-qp gives it.
-
-    QuPath places a detection by the centroid of its ROI: the area centroid of the polygon with
-    the coordinates as written (2 decimals) and stored (float32). The table's ``centroid_x/y``
-    (mean of the mask pixels) differ from it by a fraction of a pixel, enough to flip a nucleus
-    lying on an annotation border. Rows without an outline keep ``centroid_x/y``.
-    """
-    for col in ("centroid_x", "centroid_y"):
-        if col not in table.columns:
-            raise ConicQPError(f"nucleus table lacks column {col!r}; make it with conic-qp")
-    cx = table["centroid_x"].to_numpy(np.float64).copy()
-    cy = table["centroid_y"].to_numpy(np.float64).copy()
-    if "polygon_wkb" not in table.columns or len(table) == 0:
-        return cx, cy
-    geoms = shapely.from_wkb(table["polygon_wkb"].to_numpy())
-    geoms = shapely.transform(geoms, lambda c: np.round(c, 2).astype(np.float32).astype(np.float64))
-    ok = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
-    if ok.any():
-        xy = shapely.get_coordinates(shapely.centroid(geoms[ok]))
-        cx[ok], cy[ok] = xy[:, 0], xy[:, 1]
-    return cx, cy
-
-
-def parent_regions(
-    table: pd.DataFrame, geometries: Sequence[shapely.Geometry | None]
-) -> np.ndarray:
-    """Index of the region QuPath makes each nucleus a child of (-1: none, the image root).
-
-    QuPath's rule (``PathObjectHierarchy.HIERARCHY_COMPARATOR``): the smallest-area annotation
-    whose ROI contains the detection's centroid (:func:`qupath_centroids`); ties go to the first
-    region. Nested regions therefore keep each nucleus in the innermost one, and a QuPath count of
-    all detections below an annotation equals the centroid-rule count of :func:`assign_nuclei`
-    unless annotations overlap without one containing the other (QuPath can give a nucleus only
-    one parent; the centroid rule counts it in both).
-    """
-    n = len(table)
-    parent = np.full(n, -1, dtype=np.int64)
-    real = [(i, g) for i, g in enumerate(geometries) if g is not None and not g.is_empty]
-    if not real or n == 0:
-        return parent
-    cx, cy = qupath_centroids(table)
-    tree = shapely.STRtree(shapely.points(cx, cy))
-    regions = np.array([g for _, g in real], dtype=object)
-    shapely.prepare(regions)
-    src, hit = tree.query(regions, predicate="covers")
-    if src.size == 0:
-        return parent
-    area = shapely.area(regions)[src]
-    order = np.lexsort((src, area, hit))  # per nucleus: smallest area, then first region
-    hit_sorted = hit[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = hit_sorted[1:] != hit_sorted[:-1]
-    index = np.array([i for i, _ in real], dtype=np.int64)
-    parent[hit_sorted[first]] = index[src[order][first]]
-    return parent
 
 
 def assign_nuclei(
@@ -269,7 +212,7 @@ def assign_nuclei(
 
 def composition_table(
     table: pd.DataFrame,
-    regions: Sequence[CompositionRegion],
+    regions: Sequence[Region],
     class_names: Sequence[str],
     *,
     slide: str,
@@ -357,7 +300,7 @@ class SlideInput:
 
     slide: str
     table_path: Path
-    regions: list[CompositionRegion]
+    regions: list[Region]
     region_source: str
     slide_path: Path | None = None
 
@@ -371,27 +314,7 @@ class CompositionResult:
     outputs: dict[str, Path]
 
 
-TABLE_SUFFIX = ".nuclei.parquet"
-
-
-def region_file(directory: Path, keys: Sequence[str]) -> Path | None:
-    """GeoJSON file of ``directory`` named by one of ``keys`` (entry id, image name, stem)."""
-    for key in keys:
-        if not key:
-            continue
-        stems = [key]
-        stem = Path(key).stem
-        if stem and stem != key:
-            stems.append(stem)
-        for s in stems:
-            for ext in (".geojson", ".geojson.gz", ".json"):
-                p = directory / f"{s}{ext}"
-                if p.is_file():
-                    return p
-    return None
-
-
-def whole_region(area_px: float | None) -> CompositionRegion:
+def whole_region(area_px: float | None) -> Region:
     return CompositionRegion(WHOLE, None, None, WHOLE, area_px if area_px is not None else math.nan)
 
 
@@ -443,12 +366,11 @@ def load_cohort(
     slides: list[SlideInput] = []
     failures: dict[str, str] = {}
     if src.suffix == ".qpproj" or (src.is_dir() and any(src.glob("*.qpproj"))):
-        from conic_qp.annotate import OUTPUT_DIR, RUN_FILE
-        from conic_qp.qupath.project import read_project, regions_path
+        from conic_qp.qupath.project import read_project
 
         project = read_project(src, remap=remap)
-        out_dir = project.dir / OUTPUT_DIR
-        run = _read_json(out_dir / RUN_FILE)
+        out_dir = project.dir / ANNOTATE_DIR
+        run = _read_json(out_dir / ANNOTATE_RUN_FILE)
         run_images = run.get("images") if isinstance(run.get("images"), dict) else {}
         for im in project.images:
             table = out_dir / f"{im.entry_id}{TABLE_SUFFIX}"
@@ -459,7 +381,7 @@ def load_cohort(
             rfile = region_file(rdir, keys) if rdir is not None else None
             if rfile is None and regions_path(project.dir, im.entry_id).is_file():
                 rfile = regions_path(project.dir, im.entry_id)
-            used = out_dir / f"{im.entry_id}.regions.geojson"  # what annotate ran inside
+            used = used_regions_path(out_dir, im.entry_id)  # what annotate ran inside
             if rfile is None and used.is_file():
                 rfile = used
             info = run_images.get(im.entry_id, {}) if isinstance(run_images, dict) else {}

@@ -21,7 +21,8 @@ import shapely
 from PIL import Image, ImageDraw
 
 from conic_qp.classes import RGB, ClassScheme
-from conic_qp.composition import CompositionRegion, SlideInput
+from conic_qp.composition import SlideInput
+from conic_qp.regions import Region
 from conic_qp.sinks import atomic_path
 from conic_qp.slides import SlideSource
 
@@ -86,7 +87,7 @@ def overlay_image(
     table: pd.DataFrame,
     colors: Mapping[str, RGB],
     *,
-    regions: Sequence[CompositionRegion] = (),
+    regions: Sequence[Region] = (),
     max_size: int = 1024,
 ) -> Image.Image:
     """The slide thumbnail (longer side ``max_size``) with nucleus outlines in class colours.

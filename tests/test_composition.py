@@ -230,7 +230,7 @@ def test_centroid_rule_uses_the_outline_centroid_qupath_computes() -> None:
             "polygon_wkb": [shapely.to_wkb(p) for p in polys],
         }
     )
-    from conic_qp.composition import qupath_centroids
+    from conic_qp.regions import qupath_centroids
 
     cx, cy = qupath_centroids(table)
     want = np.array([[p.centroid.x, p.centroid.y] for p in polys])
@@ -248,7 +248,7 @@ def test_centroid_rule_uses_the_outline_centroid_qupath_computes() -> None:
 
 
 def test_parent_regions_follow_qupaths_smallest_containing_annotation() -> None:
-    from conic_qp.composition import parent_regions
+    from conic_qp.regions import parent_regions
 
     outer = box(0, 0, 100, 100)
     inner = box(20, 20, 40, 40)

@@ -389,7 +389,7 @@ def _grid_table(n_side: int, spacing: float = 10.0) -> pd.DataFrame:
 
 
 def test_detection_folder_groups_by_parent_and_chunks(tmp_path: Path) -> None:
-    from conic_qp.composition import parent_regions
+    from conic_qp.regions import parent_regions
 
     table = _grid_table(20)  # 400 nuclei over 200 x 200 px
     outer = gj.Region(shapely.box(0, 0, 120, 120), "outer", "Tumor", str(uuid.uuid4()))

@@ -48,11 +48,11 @@ from conic_qp.qupath.classes import (
     read_path_classes,
 )
 from conic_qp.qupath.project import backup_file
+from conic_qp.regions import Region, parent_regions
 from conic_qp.sinks.geojson import (
     MARKER,
     MARKER_VERSION,
     MEASUREMENT_NAMES,
-    Region,
     probability_measurement,
     region_color,
 )
@@ -226,7 +226,7 @@ class PaquoWriter:
         add_regions: bool = False,
     ) -> tuple[int, dict[str | None, int]]:
         """Replace the image's conic-qp detections by ``table``'s, each below the annotation
-        QuPath would make its parent (:func:`conic_qp.composition.parent_regions` over
+        QuPath would make its parent (:func:`conic_qp.regions.parent_regions` over
         ``regions``; the root when none holds it or the annotation is not in the image).
 
         ``add_regions``: when the image has no annotations, ``regions`` are added as annotations
@@ -234,8 +234,6 @@ class PaquoWriter:
         """
         from paquo.classes import QuPathPathClass
         from paquo.pathobjects import QuPathPathDetectionObject
-
-        from conic_qp.composition import parent_regions
 
         image = self.image(entry_id)
         if not image.is_readable():

@@ -41,14 +41,17 @@ from urllib.parse import unquote, urlparse
 from conic_qp.errors import ConicQPError
 from conic_qp.inputs import read_json
 from conic_qp.locks import clean_stale_temps, hold_lock
+from conic_qp.outputs import DETECTIONS_DIR as DETECTIONS_DIR
+from conic_qp.outputs import REGIONS_DIR as REGIONS_DIR
+from conic_qp.outputs import detections_dir as detections_dir
+from conic_qp.outputs import legacy_detections_file as legacy_detections_file
+from conic_qp.outputs import regions_path as regions_path
 from conic_qp.paths import check_writable
 from conic_qp.sinks import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 PROJECT_FILE = "project.qpproj"
-DETECTIONS_DIR = "detections"
-REGIONS_DIR = "regions"
 LOCK_FILE = ".conic-qp.lock"
 _WINDOWS_DRIVE = re.compile(r"^/?([A-Za-z]):[/\\]?")
 
@@ -473,22 +476,6 @@ def _raw_id(entry: Any) -> str | None:
         return None
     raw = entry.get("entryID", entry.get("uniqueName"))
     return None if raw is None else str(raw)
-
-
-def detections_dir(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
-    """Folder of an image's detections for ``groovy/import_conic_qp.groovy``: ``manifest.json``
-    and chunk files (:func:`conic_qp.sinks.geojson.write_detection_folder`)."""
-    return Path(project_dir) / DETECTIONS_DIR / str(entry_id)
-
-
-def legacy_detections_file(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
-    """The single ``detections/<entryID>.geojson.gz`` of conic-qp before chunked detections."""
-    return Path(project_dir) / DETECTIONS_DIR / f"{entry_id}.geojson.gz"
-
-
-def regions_path(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
-    """Where ``groovy/export_annotations_geojson.groovy`` puts an image's annotations."""
-    return Path(project_dir) / REGIONS_DIR / f"{entry_id}.geojson"
 
 
 # ------------------------------------------------------------------------------ safety, writing

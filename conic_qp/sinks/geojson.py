@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -45,6 +45,7 @@ from shapely.geometry import shape
 from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
 from conic_qp.objects import prob_column
+from conic_qp.regions import Region, parent_regions
 from conic_qp.sinks import atomic_open
 
 log = logging.getLogger(__name__)
@@ -336,22 +337,6 @@ _GEOMETRY_TYPES = {
     "MultiPolygon",
     "GeometryCollection",
 }
-
-
-@dataclass(frozen=True)
-class Region:
-    """A region of interest (e.g. a QuPath annotation) in level-0 pixel coordinates."""
-
-    geometry: shapely.Geometry
-    name: str | None = None
-    class_name: str | None = None
-    id: str | None = None
-    properties: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def label(self) -> str:
-        """Human-readable label for tables: name, else class, else id."""
-        return self.name or self.class_name or self.id or "region"
 
 
 def _classification_name(props: Mapping[str, Any]) -> str | None:
@@ -651,7 +636,7 @@ def write_detection_folder(
     """Write one image's detections for ``groovy/import_conic_qp.groovy``, grouped by parent.
 
     Each nucleus goes to the annotation QuPath would make its parent
-    (:func:`conic_qp.composition.parent_regions`: smallest annotation covering its centroid);
+    (:func:`conic_qp.regions.parent_regions`: smallest annotation covering its centroid);
     the files of one parent hold at most ``per_file`` features, so QuPath never has to parse a
     huge file at once. ``manifest.json`` lists every file with its parent's UUID (``null`` =
     the image root) and count, and the ``regions`` known (UUID, name, class, area) so the script
@@ -668,7 +653,6 @@ def write_detection_folder(
     so the script sees the old set of files or the new one, never a mix. ``root``: ``folder``
     must lie inside it (:func:`conic_qp.paths.ensure_inside`).
     """
-    from conic_qp.composition import parent_regions
     from conic_qp.paths import ensure_inside, temp_prefix
     from conic_qp.sinks import replace_dir
 

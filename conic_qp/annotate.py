@@ -34,57 +34,55 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.resources
 import json
 import logging
 import os
-import shlex
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import shapely
 
-from conic_qp.errors import ConicQPError
+from conic_qp.cohort import InProcessRunner, ModelSpec, Runner, SlideJob, SlideResult, run_cohort
+from conic_qp.errors import ConicQPError, option, render
 from conic_qp.outputs import (
     ANNOTATE_DIR,
     ANNOTATE_RUN_FILE,
-    GROOVY_DIR,
-    IMPORT_SCRIPT,
-    detections_dir,
-    legacy_detections_file,
+    MANIFEST_FILE,
     region_file,
     regions_path,
     used_regions_path,
 )
-from conic_qp.predict import ModelSet, PredictSettings, Progress, make_executor, predict_slide
+from conic_qp.predict import ModelSet, PredictSettings, Progress
 from conic_qp.qupath.classes import classes_path as qupath_classes_path
-from conic_qp.qupath.classes import read_path_classes, update_project_classes
+from conic_qp.qupath.classes import read_path_classes
 from conic_qp.qupath.project import (
     ProjectImage,
     QuPathProject,
     UriFix,
-    backup_file,
     find_project_file,
     fix_image_uris,
     project_lock,
     read_project,
 )
-from conic_qp.sinks import atomic_path, remove_inside, write_json_atomic
+from conic_qp.qupath.sinks import (
+    GeoJSONProjectSink,
+    PaquoSink,
+    import_command,
+    install_import_script,
+)
+from conic_qp.regions import Region
+from conic_qp.sinks import write_json_atomic
+from conic_qp.sinks.detections import Detections, DetectionSink
 from conic_qp.sinks.geojson import (
     DETECTIONS_PER_FILE,
-    Region,
     read_regions,
     with_uuid_ids,
     write_annotations,
-    write_detection_folder,
 )
-from conic_qp.slides import MPP_RANGE, PyramidSource, open_slide
-
-if TYPE_CHECKING:
-    from concurrent.futures import Executor
+from conic_qp.sources import image_ref
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ class ImageOutcome:
 
     entry_id: str
     name: str
-    status: Literal["done", "failed"] = "failed"
+    status: Literal["done", "failed", "no_tissue"] = "failed"
     n_nuclei: int = 0
     class_counts: dict[str, int] = field(default_factory=dict)
     region_source: str = "tissue"
@@ -127,9 +125,12 @@ class ImageOutcome:
     area_px: float | None = None
     #: detections written under each parent annotation (its label; "root": outside them all)
     parent_counts: dict[str, int] = field(default_factory=dict)
+    #: the error with its settings marked (:func:`conic_qp.errors.option`), for the CLI
+    error_template: str | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data.pop("error_template")
         data["outputs"] = {k: str(v) for k, v in self.outputs.items()}
         data["roi_area_px" if self.n_regions else "tissue_area_px"] = data.pop("area_px")
         return data
@@ -158,7 +159,17 @@ class AnnotateResult:
         return {
             f"{im.entry_id} ({im.name})": im.error or "failed"
             for im in self.images
-            if im.status != "done"
+            if im.status == "failed"
+        }
+
+    def failure_messages(
+        self, flag: Callable[[str, str | None], str] | None = None
+    ) -> dict[str, str]:
+        """:attr:`failures` with the settings in each message spelled by ``flag``."""
+        return {
+            f"{im.entry_id} ({im.name})": render(im.error_template or im.error or "failed", flag)
+            for im in self.images
+            if im.status == "failed"
         }
 
     @property
@@ -181,30 +192,6 @@ def choose_backend(backend: Backend = "auto") -> Literal["paquo", "geojson"]:
     if backend != "auto":
         raise ConicQPError(f"unknown backend {backend!r}; use auto, paquo or geojson")
     return "paquo" if paquo_io.paquo_available() else "geojson"
-
-
-def import_command(project_file: str | os.PathLike[str], script: str | os.PathLike[str]) -> str:
-    """The QuPath command that imports all detections (QuPath 0.4-0.7 ``script`` subcommand).
-
-    No ``--save``: the script saves each image it changed itself, so QuPath does not rewrite
-    the data of images it skipped (``--save`` would save every image of the project). On Windows
-    use ``"QuPath (console).exe"``, on macOS ``QuPath.app/Contents/MacOS/QuPath``.
-    """
-    return f"QuPath script -p {shlex.quote(str(project_file))} {shlex.quote(str(script))}"
-
-
-def install_import_script(project_dir: str | os.PathLike[str]) -> Path:
-    """Copy the package's ``import_conic_qp.groovy`` to ``<project>/groovy/`` (atomically; a
-    different existing copy, e.g. edited by the user, is backed up first)."""
-    data = importlib.resources.files("conic_qp").joinpath("groovy", IMPORT_SCRIPT).read_bytes()
-    dst = Path(project_dir) / GROOVY_DIR / IMPORT_SCRIPT
-    if dst.is_file():
-        if dst.read_bytes() == data:
-            return dst
-        backup_file(dst)
-    with atomic_path(dst) as tmp:
-        tmp.write_bytes(data)
-    return dst
 
 
 def find_regions(
@@ -241,34 +228,6 @@ def _palette(project_dir: Path) -> dict[str, tuple[int, int, int]]:
         for e in entries
         if isinstance(e.get("color"), int)
     }
-
-
-def _open(image: ProjectImage, mpp: float | None) -> PyramidSource:
-    """Open the image; when the file lacks a plausible um/px, use the project's calibration."""
-    assert image.path is not None
-    try:
-        return open_slide(image.path, mpp=mpp)
-    except ConicQPError as exc:
-        lo, hi = MPP_RANGE
-        if mpp is None and image.mpp is not None and lo <= image.mpp <= hi and "mpp" in str(exc):
-            log.warning(
-                "%s: no usable um/px in the file; using the project's pixel size %.4g um/px",
-                image.name,
-                image.mpp,
-            )
-            return open_slide(image.path, mpp=image.mpp)
-        raise
-
-
-def _tissue_area(source: PyramidSource, settings: PredictSettings) -> float:
-    """Level-0 area (px^2) of the tissue the engine runs on (whole image without detection)."""
-    w0, h0 = source.dimensions
-    if not settings.tissue_detection:
-        return float(w0) * float(h0)
-    from conic_qp.tissue import tissue_mask
-
-    thumb, downsample = source.thumbnail(settings.thumbnail_size)
-    return float(tissue_mask(thumb).sum()) * downsample * downsample
 
 
 def _load_previous_run(path: Path) -> dict[str, Any]:
@@ -308,6 +267,7 @@ def annotate_project(
     fix_uris: bool = True,
     detections_per_file: int = DETECTIONS_PER_FILE,
     on_progress: ProgressCallback | None = None,
+    runner: Runner | None = None,
 ) -> AnnotateResult:
     """Annotate the images of a QuPath project with nucleus detections.
 
@@ -328,6 +288,8 @@ def annotate_project(
         (backup first) so that QuPath opens them; ``False`` leaves the project file as it is.
     detections_per_file : most detections per GeoJSON file of the geojson backend.
     on_progress : receives :class:`conic_qp.predict.Progress` events (``slide_index`` set).
+    runner : where inference runs (default: this process; a :class:`conic_qp.cluster.DaskRunner`
+        runs the images on a cluster). Detections are written here, one image at a time.
 
     Raises
     ------
@@ -336,10 +298,12 @@ def annotate_project(
         paquo requested but unavailable. Nothing is written in these cases.
     """
     if regions not in ("annotations", "tissue"):
-        raise ConicQPError(f"--regions must be 'annotations' or 'tissue', not {regions!r}")
+        raise ConicQPError(
+            f"{option('regions')} must be 'annotations' or 'tissue', not {regions!r}"
+        )
     if regions_geojson is not None and not Path(regions_geojson).is_dir():
         raise ConicQPError(
-            f"--regions-geojson {regions_geojson} is not a folder; pass the folder holding "
+            f"{option('regions_geojson')} {regions_geojson} is not a folder; pass the folder holding "
             "<entryID>.geojson or <image name>.geojson files"
         )
     if detections_per_file < 1:
@@ -368,12 +332,30 @@ def annotate_project(
                 "images found elsewhere than their URI were left as they are: QuPath's "
                 "headless import cannot open them; fix the URIs in QuPath or let annotate do it"
             )
-        result = _annotate_locked(qp, selected, models, settings, opts, on_progress)
+        result = _annotate_locked(qp, selected, models, settings, opts, on_progress, runner)
     result.uri_fixes, result.project_backup = fixes, backup
     result.unresolved = [
         f"{im.entry_id} ({im.name})" for im in qp.images if not im.ok or (im.moved and not fix_uris)
     ]
     return result
+
+
+def _make_sink(qp: QuPathProject, opts: _Options) -> DetectionSink:
+    if opts.backend == "geojson":
+        return GeoJSONProjectSink(qp.path, palette=opts.palette, per_file=opts.per_file)
+    return PaquoSink(qp.path)
+
+
+@dataclass
+class _Planned:
+    """An image ready to run: its outcome record, regions, and job."""
+
+    image: ProjectImage
+    outcome: ImageOutcome
+    known: list[Region]
+    found: list[Region]
+    from_file: bool
+    job: SlideJob
 
 
 def _annotate_locked(
@@ -383,23 +365,24 @@ def _annotate_locked(
     settings: PredictSettings,
     opts: _Options,
     on_progress: ProgressCallback | None,
+    runner: Runner | None,
 ) -> AnnotateResult:
-    backend = opts.backend
+    """Regions and jobs here, inference through the cohort runner (in process or on a cluster),
+    detections into the project one image at a time, in this process, as results arrive."""
     out_dir = qp.dir / OUTPUT_DIR
     run_json = out_dir / RUN_FILE
     previous = _load_previous_run(run_json)
-    outcomes: list[ImageOutcome] = []
-    script: Path | None = None
-    command: str | None = None
-    added: list[str] = []
+    outcomes: dict[str, ImageOutcome] = {}
+    touched: list[str] = []  # images started or finished, in that order (what run.json lists)
+    running: list[str] = []
     t_start = time.perf_counter()
-    report = on_progress or (lambda p: None)
-    writer: Any = None  # paquo project, opened once for all images
+    sink: DetectionSink | None = None
+    added: list[str] = []
 
     def record(complete: bool) -> None:
         images_json = dict(previous.get("images") or {}) if isinstance(previous, dict) else {}
-        for o in outcomes:
-            images_json[o.entry_id] = o.to_json()
+        for key in touched:
+            images_json[key] = outcomes[key].to_json()
         write_json_atomic(
             run_json,
             {
@@ -407,85 +390,97 @@ def _annotate_locked(
                 "version": 1,
                 "complete": complete,
                 "project": str(qp.path),
-                "backend": backend,
+                "backend": opts.backend,
                 "models": models.info,
                 "classes": models.classes.to_json(),
                 "model_mpp": models.mpp,
                 "thresholds_source": models.thresholds_source,
                 "settings": settings.to_json(),
                 "regions": opts.regions,
-                "import_command": command,
+                "import_command": sink.command if sink is not None else None,
                 "seconds": round(time.perf_counter() - t_start, 3),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "images": images_json,
             },
         )
 
-    executor: Executor | None = None
+    def touch(key: str) -> None:
+        if key not in touched:
+            touched.append(key)
+
     complete = False
     try:
-        if backend == "geojson":
-            added = update_project_classes(qp.dir, models.classes)
-            script = install_import_script(qp.dir)
-            command = import_command(qp.path, script)
-        else:
-            from conic_qp.qupath import paquo_io
-
-            writer = paquo_io.PaquoWriter(qp.path)
-            added = writer.set_classes(models.classes)
-        executor = make_executor(settings.workers)
-        for i, image in enumerate(selected):
+        sink = _make_sink(qp, opts)
+        added = sink.open(models.classes)
+        spec = None if runner is None or isinstance(runner, InProcessRunner) else (
+            ModelSpec.from_models(models, settings.device)
+        )  # fmt: skip
+        planned: dict[str, _Planned] = {}
+        for image in selected:
             outcome = ImageOutcome(image.entry_id, image.name)
-            outcomes.append(outcome)
-            t0 = time.perf_counter()
-
-            def progress(p: Progress, i: int = i) -> None:
-                p.slide_index, p.slides_total = i, len(selected)
-                report(p)
-
+            outcomes[image.entry_id] = outcome
             try:
-                _annotate_image(
-                    image, outcome, qp, models, settings, opts, executor, writer, progress
+                planned[image.entry_id] = _plan_image(
+                    image, outcome, qp, settings, opts, sink, spec
                 )
-                outcome.status = "done"
-            except ConicQPError as exc:
-                outcome.error = str(exc)
+            except ConicQPError as exc:  # e.g. a malformed regions file: this image only
+                outcome.error, outcome.error_template = str(exc), exc.template
                 log.error("%s (%s): %s", image.name, image.entry_id, exc)
-            except (KeyboardInterrupt, SystemExit):
-                outcome.error = "interrupted"
-                raise
-            except Exception as exc:  # one broken image must not stop the project
-                outcome.error = f"{type(exc).__name__}: {exc}"
-                log.exception("%s (%s) failed", image.name, image.entry_id)
-            outcome.seconds = round(time.perf_counter() - t0, 3)
-            progress(Progress(image.name, "finished" if outcome.status == "done" else "failed"))
-        if writer is not None:
-            writer.save_project()
+                touch(image.entry_id)
+
+        def start(job: SlideJob) -> None:
+            touch(job.key)
+            running.append(job.key)
+
+        def deliver(res: SlideResult) -> SlideResult | None:
+            plan = planned[res.key]
+            if res.key in running:
+                running.remove(res.key)
+            touch(res.key)
+            replaced = _deliver(plan, res, sink, models, settings)
+            plan.outcome.seconds = round(res.seconds, 3)
+            return replaced
+
+        run_cohort(
+            [p.job for p in planned.values()],
+            runner=runner or InProcessRunner(models),
+            models=models,
+            manifest=out_dir / MANIFEST_FILE,
+            on_start=start,
+            on_result=deliver,
+            on_progress=on_progress,
+        )
         complete = True
+    except (KeyboardInterrupt, SystemExit):
+        for key in running:
+            outcomes[key].error = "interrupted"
+        raise
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-        if writer is not None:
-            writer.close()
+        if sink is not None:
+            sink.close(complete)
         with contextlib.suppress(OSError):  # the record must not hide the original error
             record(complete)
-    return AnnotateResult(qp.path, backend, outcomes, added, script, command, run_json)
+    script = getattr(sink, "script", None)
+    command = sink.command if sink is not None else None
+    images = [outcomes[im.entry_id] for im in selected]
+    return AnnotateResult(qp.path, opts.backend, images, added, script, command, run_json)
 
 
 def _image_regions(
-    image: ProjectImage, qp: QuPathProject, opts: _Options, writer: Any
+    image: ProjectImage, qp: QuPathProject, opts: _Options, sink: DetectionSink
 ) -> tuple[list[Region], str, bool]:
     """(regions, where from, from a file): the image's annotations as conic-qp knows them.
 
-    An explicit ``--regions-geojson`` folder wins; with paquo the project's own annotations
-    come next (no export needed), then the project's ``regions/<entryID>.geojson``. Regions
-    from files get UUID ids (the same on every run) so that detections can name them as parents.
+    An explicit ``--regions-geojson`` folder wins; then the annotations the destination holds
+    (paquo: the project's own, no export needed), then the project's
+    ``regions/<entryID>.geojson``. Regions from files get UUID ids (the same on every run) so
+    that detections can name them as parents.
     """
-    hit = find_regions(image, qp.dir, opts.regions_geojson, project_file=writer is None)
-    if hit is None and writer is not None:
-        found = writer.read_regions(image.entry_id)
-        if found:
-            return found, "paquo annotations", False
+    held = sink.existing_regions(image.entry_id) if image.ok else None
+    hit = find_regions(image, qp.dir, opts.regions_geojson, project_file=held is None)
+    if hit is None and held is not None:
+        if held:
+            return held, f"{sink.name} annotations", False
         hit = find_regions(image, qp.dir)
     if hit is None:
         return [], "tissue", False
@@ -493,97 +488,111 @@ def _image_regions(
     return with_uuid_ids(regions, f"{image.entry_id}:{source}"), source, True
 
 
-def _annotate_image(
+def _plan_image(
     image: ProjectImage,
     outcome: ImageOutcome,
     qp: QuPathProject,
-    models: ModelSet,
     settings: PredictSettings,
     opts: _Options,
-    executor: Executor | None,
-    writer: Any,
-    progress: ProgressCallback,
-) -> None:
-    if not image.ok:
-        raise ConicQPError(image.problem or f"image file of {image.name} not found")
+    sink: DetectionSink,
+    spec: ModelSpec | None,
+) -> _Planned:
+    """The image's regions (read here, in this process) and its slide job."""
     if image.series not in (None, 0):
         log.warning(
             "%s: Bio-Formats series %s; conic-qp reads the file's first image", image.name,
             image.series,
         )  # fmt: skip
-    out_dir = qp.dir / OUTPUT_DIR
-    progress(Progress(image.name, "regions"))
-    known, source, from_file = _image_regions(image, qp, opts, writer)
+    known, source, from_file = _image_regions(image, qp, opts, sink)
     found: list[Region] = []
     if opts.regions == "annotations" and known:
         found, outcome.region_source = known, source
-    elif opts.regions == "annotations":
+    elif opts.regions == "annotations" and image.ok:
         log.info("%s: no annotations found; running on the whole tissue", image.name)
     outcome.n_regions = len(found)
     roi = shapely.union_all([r.geometry for r in found]) if found else None
-    regions_file = used_regions_path(out_dir, image.entry_id)
-    with _open(image, opts.mpp) as source_slide:
-        outcome.area_px = (
-            float(roi.area) if roi is not None else _tissue_area(source_slide, settings)
-        )
-        result = predict_slide(
-            source_slide,
-            models,
-            settings,
-            out_dir,
-            progress,
-            roi,
-            executor=executor,
-            stem=image.entry_id,
-            slide_path=str(image.path),
-            image_id=f"qupath:{image.entry_id}:{image.name}",
-        )
-    outcome.n_nuclei = result.n_nuclei
-    outcome.class_counts = dict(result.class_counts)
-    outcome.outputs = dict(result.outputs)
-    if found:
-        outcome.outputs["regions"] = write_annotations(found, regions_file, palette=opts.palette)
-    elif regions_file.exists():
-        regions_file.unlink()  # regions of an earlier run no longer apply
-    progress(Progress(image.name, "writing", nuclei=result.n_nuclei))
-    table_path = Path(result.outputs["table"])
-    labels = {r.id: r.label for r in known}
-    if opts.backend == "geojson":
-        import pyarrow.parquet as pq
+    job = SlideJob(
+        image_ref(qp, image),
+        str(qp.dir / OUTPUT_DIR),
+        image.entry_id,
+        settings,
+        spec,
+        roi,
+        opts.mpp,
+        image_id=f"qupath:{image.entry_id}:{image.name}",
+        key=image.entry_id,
+    )
+    return _Planned(image, outcome, known, found, from_file, job)
 
-        def batches() -> Iterator[Any]:
-            for b in pq.ParquetFile(table_path).iter_batches(batch_size=20_000):
-                yield b.to_pandas()
 
-        folder = write_detection_folder(
-            batches,
-            detections_dir(qp.dir, image.entry_id),
-            models.classes,
-            regions=known,
-            add_regions=from_file,
-            palette=opts.palette,
-            object_type=settings.object_type,
-            per_file=opts.per_file,
-            info={"entry_id": image.entry_id, "image_name": image.name},
-            root=qp.dir,
+def _deliver(
+    plan: _Planned,
+    res: SlideResult,
+    sink: DetectionSink | None,
+    models: ModelSet,
+    settings: PredictSettings,
+) -> SlideResult | None:
+    """Write one image's detections into the project; a failure here fails that image only."""
+    outcome, image = plan.outcome, plan.image
+    if res.status != "done":
+        outcome.error, outcome.error_template = res.message(), res.error
+        if res.status == "no_tissue":
+            outcome.status = "no_tissue"
+        return None
+    outcome.n_nuclei = res.n_nuclei
+    outcome.class_counts = dict(res.class_counts)
+    outcome.outputs = dict(res.outputs)
+    run = _load_json(Path(res.outputs["run"])) if "run" in res.outputs else {}
+    outcome.area_px = (
+        float(run["roi_area_px"]) if plan.found and run.get("roi_area_px") is not None
+        else run.get("tissue_area_px")
+    )  # fmt: skip
+    regions_file = used_regions_path(plan.job.out_dir, image.entry_id)
+    try:
+        if plan.found:
+            outcome.outputs["regions"] = write_annotations(
+                plan.found, regions_file, palette=getattr(sink, "palette", None)
+            )
+        elif regions_file.exists():
+            regions_file.unlink()  # regions of an earlier run no longer apply
+        assert sink is not None
+        delivery = sink.write(
+            Detections(
+                image.entry_id,
+                image.name,
+                Path(res.outputs["table"]),
+                models.classes,
+                tuple(plan.known),
+                plan.from_file,
+                settings.object_type,
+            )
         )
-        # the single-file layout of earlier versions: the import script ignores it
-        remove_inside(qp.dir, legacy_detections_file(qp.dir, image.entry_id))
-        outcome.outputs["detections"] = folder.folder
-        counts = folder.counts_by_parent()
-    else:
-        from conic_qp.sinks.tables import read_table
-
-        table = read_table(table_path)
-        removed, counts = writer.write_detections(
-            image.entry_id, table, models.classes, known, add_regions=from_file
-        )
-        log.info(
-            "%s: replaced %d conic-qp detections by %d", image.name, removed, sum(counts.values())
-        )
+    except ConicQPError as exc:
+        log.error("%s (%s): %s", image.name, image.entry_id, exc)
+        outcome.error, outcome.error_template = str(exc), exc.template
+        return dataclasses.replace(res, status="failed", error=exc.template)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # one broken image must not stop the project
+        log.exception("%s (%s): writing the detections failed", image.name, image.entry_id)
+        outcome.error = outcome.error_template = f"{type(exc).__name__}: {exc}"
+        return dataclasses.replace(res, status="failed", error=outcome.error)
+    outcome.outputs.update(delivery.outputs)
+    labels = {r.id: r.label for r in plan.known}
     outcome.parent_counts = {
-        (labels.get(k) or str(k)) if k is not None else "root": v for k, v in counts.items()
+        (labels.get(k) or str(k)) if k is not None else "root": v
+        for k, v in delivery.counts_by_parent.items()
     }
+    outcome.status = "done"
+    return None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def format_failures(failures: Mapping[str, str]) -> str:

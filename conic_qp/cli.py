@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -405,6 +406,10 @@ def tune_cmd(
     show_default=True,
     help="Most detections per GeoJSON file QuPath reads at once (geojson backend).",
 )
+@click.option("--cluster", default=None, metavar="local[:N]|ADDRESS|slurm|pbs|lsf",
+              help="Run inference on Dask (detections are still written here, in order).")  # fmt: skip
+@click.option("--cluster-config", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE.yaml", help="Jobs for slurm/pbs/lsf: cores, memory, gpus, walltime...")  # fmt: skip
 @click.option("--list", "list_only", is_flag=True, help="List the project's images and exit.")
 def annotate_cmd(
     project: str,
@@ -427,17 +432,18 @@ def annotate_cmd(
     tile_size: int,
     no_fix_uris: bool,
     detections_per_file: int,
+    cluster: str | None,
+    cluster_config: str | None,
     list_only: bool,
 ) -> None:
     """Detect and classify nuclei in the images of a QuPath project and write them back.
 
     Exit code 0 when every image succeeded, 1 when some failed (listed at the end), 2 on bad
-    input (nothing written).
+    input (nothing written). With --cluster the images run as Dask tasks (docs/cohorts.md);
+    detections are written into the project by this process, one image at a time.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
-    from conic_qp.annotate import annotate_project
     from conic_qp.predict import PredictSettings, load_models
     from conic_qp.qupath.project import read_project
     from conic_qp.tta import TTAConfig
@@ -463,9 +469,51 @@ def annotate_cmd(
         workers=workers,
         object_type=object_type,  # type: ignore[arg-type]
     )
-    models = load_models(paths, device=device, thresholds=thresholds)
-    models = _with_runtime(models, runtime)
+    spec = _cluster_spec(cluster, cluster_config)
+    # on a cluster the workers load the models; here they only give classes and the fingerprint
+    models = load_models(paths, device="cpu" if spec is not None else device, thresholds=thresholds)
+    if spec is None:
+        models = _with_runtime(models, runtime)
     selection = [s.strip() for s in images.split(",") if s.strip()] if images else None
+    with contextlib.ExitStack() as stack:
+        runner = None
+        if spec is not None:
+            from conic_qp.cluster import DaskRunner, open_cluster
+
+            client = stack.enter_context(open_cluster(spec, device=device))
+            _print_cluster(client, spec, quiet=False)
+            runner = DaskRunner(client, retries=spec.retries)
+        result = _annotate_with_progress(
+            project,
+            models,
+            settings,
+            runner,
+            images=selection,
+            regions=regions,
+            regions_geojson=regions_geojson,
+            remap=remap,
+            backend=backend,
+            mpp=mpp,
+            fix_uris=not no_fix_uris,
+            detections_per_file=detections_per_file,
+        )
+    _print_annotate_result(result)
+
+
+def _annotate_with_progress(
+    project: str, models: Any, settings: Any, runner: Any, **options: Any
+) -> Any:
+    """annotate_project with a progress bar per image."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from conic_qp.annotate import annotate_project
+
+    if runner is not None:  # slides finish on workers: count them, no tile-level bars
+        with _CohortProgress(None, disabled=False) as cohort_bar:
+            return annotate_project(
+                project, models, settings, on_progress=cohort_bar.update, runner=runner,
+                **options,
+            )  # fmt: skip
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -485,25 +533,21 @@ def annotate_cmd(
             if p.stage == "tiles":
                 bar.update(task, completed=p.tiles_done, total=p.tiles_total, nuclei=p.nuclei)
 
-        result = annotate_project(
-            project,
-            models,
-            settings,
-            images=selection,
-            regions=regions,  # type: ignore[arg-type]
-            regions_geojson=regions_geojson,
-            remap=remap,
-            backend=backend,  # type: ignore[arg-type]
-            mpp=mpp,
-            fix_uris=not no_fix_uris,
-            detections_per_file=detections_per_file,
-            on_progress=on_progress,
+        return annotate_project(
+            project, models, settings, on_progress=on_progress, runner=runner, **options
         )
+
+
+def _print_annotate_result(result: Any) -> None:
+    from rich.table import Table
+
     table = Table(title=f"conic-qp annotate ({result.backend})")
     for col in ("entry id", "image", "regions", "nuclei", "under annotations", "status"):
         table.add_column(col)
     for o in result.images:
-        status = "[green]done" if o.status == "done" else "[red]failed"
+        status = {"done": "[green]done", "no_tissue": "[yellow]no tissue"}.get(
+            o.status, "[red]failed"
+        )
         under = ", ".join(f"{k}: {v}" for k, v in o.parent_counts.items() if k != "root")
         table.add_row(o.entry_id, o.name, o.region_source, str(o.n_nuclei), under, status)
     Console().print(table)
@@ -533,9 +577,10 @@ def annotate_cmd(
     if result.command and any(o.status == "done" for o in result.images):
         console.print("Import the detections into QuPath (close the project in QuPath first):")
         click.echo(result.command)
-    if result.failures:
-        console.print(f"[bold red]{len(result.failures)} image(s) failed:[/]", highlight=False)
-        for key, msg in result.failures.items():
+    failures = result.failure_messages(cli_flag)
+    if failures:
+        console.print(f"[bold red]{len(failures)} image(s) failed:[/]", highlight=False)
+        for key, msg in failures.items():
             console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
@@ -839,7 +884,7 @@ def _parse_roi(text: str) -> tuple[float, ...]:
 class _PredictProgress:
     """rich progress bars for `predict`: slides, tiles of the current slide, nuclei/s."""
 
-    def __init__(self, n_slides: int, disabled: bool) -> None:
+    def __init__(self, n_slides: int | None, disabled: bool) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -895,7 +940,7 @@ class _PredictProgress:
 class _CohortProgress:
     """rich progress of a cohort on a cluster: slides done/failed, nuclei, time left."""
 
-    def __init__(self, n_slides: int, disabled: bool) -> None:
+    def __init__(self, n_slides: int | None, disabled: bool) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,

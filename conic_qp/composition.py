@@ -34,7 +34,7 @@ import pandas as pd
 import shapely
 
 from conic_qp.classes import ClassScheme
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.outputs import (
     ANNOTATE_DIR,
     ANNOTATE_RUN_FILE,
@@ -362,7 +362,9 @@ def load_cohort(
     src = Path(source)
     rdir = Path(regions_geojson) if regions_geojson is not None else None
     if rdir is not None and not rdir.is_dir():
-        raise ConicQPError(f"--regions-geojson {rdir} is not a folder; pass the folder of GeoJSONs")
+        raise ConicQPError(
+            f"{option('regions_geojson')} {rdir} is not a folder; pass the folder of GeoJSONs"
+        )
     slides: list[SlideInput] = []
     failures: dict[str, str] = {}
     if src.suffix == ".qpproj" or (src.is_dir() and any(src.glob("*.qpproj"))):

@@ -192,3 +192,46 @@ def test_jobqueue_scripts_for_slurm_and_pbs(tmp_path: Path) -> None:
     config_file.write_text("- just\n- a list\n")
     with pytest.raises(ConicQPError, match="mapping"):
         load_cluster_config(config_file)
+
+
+@pytest.mark.slow
+def test_annotate_on_the_cluster_writes_what_the_in_process_run_writes(
+    cohort: dict[str, Any], client: Any, tmp_path: Path
+) -> None:
+    """Inference on the workers, detections written by this process under the project lock."""
+    import json
+
+    import shapely
+
+    from conic_qp.annotate import annotate_project
+    from conic_qp.qupath.project import write_project
+
+    slides = [r.path for r in cohort["refs"] if r.name in ("s0.tif", "s1.tif")]
+    project = write_project(tmp_path / "a" / "proj", slides)
+    region = {"type": "Feature", "geometry": shapely.geometry.mapping(shapely.box(20, 20, 200, 180)),
+              "properties": {"objectType": "annotation", "name": "ROI",
+                             "classification": {"name": "Tumor", "color": [200, 0, 0]}}}  # fmt: skip
+    (project.parent / "regions").mkdir()
+    (project.parent / "regions" / "1.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [region]})
+    )
+    s = cohort["settings"]
+    local = annotate_project(project, cohort["models"], s, backend="geojson")
+    pdir = project.parent
+    written = sorted(pdir.glob("detections/**/*.geojson*")) + sorted(
+        pdir.glob("conic-qp/*.parquet")
+    )
+    before = {p: p.read_bytes() for p in written if p.name != "manifest.parquet"}
+    assert len(before) >= 4
+    # the same project again, inference on the workers: the same files, byte for byte
+    dask = annotate_project(project, cohort["models"], s, backend="geojson",
+                            runner=DaskRunner(client))  # fmt: skip
+    assert [o.status for o in dask.images] == [o.status for o in local.images] == ["done"] * 2
+    assert Path(dask.images[0].region_source).name == "1.geojson"  # ran inside the region
+    assert dask.images[1].region_source == local.images[1].region_source == "tissue"
+    assert [o.parent_counts for o in dask.images] == [o.parent_counts for o in local.images]
+    assert {p: p.read_bytes() for p in before} == before
+    manifest = pd.read_parquet(pdir / "conic-qp" / "manifest.parquet")
+    assert list(manifest["status"]) == ["done", "done"]
+    assert set(manifest["worker"]) <= set(client.scheduler_info()["workers"])
+    assert not (pdir / ".conic-qp.lock").exists()

@@ -253,7 +253,7 @@ def jobqueue_job_script(
 # --------------------------------------------------------------------------- the workers
 
 
-class WorkerSetup(_WorkerPlugin):  # type: ignore[misc]
+class WorkerSetup(_WorkerPlugin):
     """Dask worker plugin: network threads, one GPU per worker process, warm imports.
 
     ``torch_threads``: intra-op threads of the network (default: the worker's thread count).

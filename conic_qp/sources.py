@@ -243,7 +243,7 @@ def _resolve(func: Callable[..., Any] | str, scheme: Scheme) -> Callable[..., An
         ) from None
     if not callable(target):
         raise TypeError(f"{func} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def parse_ref(text: str) -> SlideRef | None:
@@ -272,9 +272,9 @@ def open_ref(ref: SlideRef, mpp: float | None = None, **options: Any) -> SlideSo
     scheme = _scheme(ref.scheme)
     opener = _resolve(scheme.open, scheme)
     if mpp is not None or ref.mpp is None:
-        return opener(ref, mpp=mpp, **options)  # type: ignore[no-any-return]
+        return opener(ref, mpp=mpp, **options)
     try:
-        return opener(ref, mpp=None, **options)  # type: ignore[no-any-return]
+        return opener(ref, mpp=None, **options)
     except MppError:
         from conic_qp.slides import MPP_RANGE
 
@@ -286,7 +286,7 @@ def open_ref(ref: SlideRef, mpp: float | None = None, **options: Any) -> SlideSo
             ref.name,
             ref.mpp,
         )
-        return opener(ref, mpp=ref.mpp, **options)  # type: ignore[no-any-return]
+        return opener(ref, mpp=ref.mpp, **options)
 
 
 # -------------------------------------------------------------------------------- files

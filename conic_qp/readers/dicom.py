@@ -14,6 +14,7 @@ the reader keeps those numbers and addresses each level in its own pixels.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 from pathlib import Path

@@ -660,7 +660,9 @@ def write_detection_folder(
         raise ValueError(f"per_file must be >= 1, got {per_file}")
     folder = Path(folder) if root is None else ensure_inside(root, folder)
     salt = str((info or {}).get("entry_id", folder.name))
-    known = with_uuid_ids([r for r in regions if not r.geometry.is_empty], salt)
+    known = with_uuid_ids(
+        [r for r in regions if r.geometry is not None and not r.geometry.is_empty], salt
+    )
     geoms = [r.geometry for r in known]
 
     def batches() -> Iterator[pd.DataFrame]:
@@ -718,7 +720,7 @@ def write_detection_folder(
                     "id": r.id,
                     "name": r.name,
                     "class": r.class_name,
-                    "area": round(float(r.geometry.area), 3),
+                    "area": round(r.area, 3),
                 }
                 for r in known
             ],

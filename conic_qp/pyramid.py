@@ -37,7 +37,7 @@ __all__ = [
     "MPP_RANGE",
     "ImageSource",
     "PyramidSource",
-    "Region",
+    "Rect",
     "SlideSource",
     "available_memory",
     "check_mpp",
@@ -53,8 +53,12 @@ _BAND_PIXELS = 64 * 1024 * 1024
 #: Share of the available memory one read may use.
 _MEMORY_SHARE = 0.8
 
-Region = tuple[float, float, float, float]
-"""``(x, y, w, h)`` in level-0 pixels (floats allowed)."""
+Rect = tuple[float, float, float, float]
+"""A level-0 rectangle ``(x, y, w, h)`` in pixels (floats allowed): what a read asks for.
+
+(Pixel boxes of an array at the model's resolution are :class:`conic_qp.tiling.Box`;
+:meth:`~conic_qp.tiling.Box.to_level0` turns one into a ``Rect``. Areas that nuclei belong to are
+:class:`conic_qp.regions.Region`.)"""
 
 
 @runtime_checkable
@@ -76,7 +80,7 @@ class SlideSource(Protocol):
         """Level-0 resolution in um/px."""
         ...
 
-    def read(self, region: Region, mpp: float, size: tuple[int, int] | None = None) -> np.ndarray:
+    def read(self, region: Rect, mpp: float, size: tuple[int, int] | None = None) -> np.ndarray:
         """Return ``region`` resampled to ``mpp`` um/px as (h, w, 3) uint8."""
         ...
 
@@ -151,7 +155,7 @@ class PyramidSource:
                 best = level
         return best
 
-    def read(self, region: Region, mpp: float, size: tuple[int, int] | None = None) -> np.ndarray:
+    def read(self, region: Rect, mpp: float, size: tuple[int, int] | None = None) -> np.ndarray:
         """Read a level-0 region resampled to ``mpp`` um/px.
 
         Parameters
@@ -216,7 +220,7 @@ class PyramidSource:
         box: tuple[float, float, float, float],
         out_w: int,
         out_h: int,
-        region: Region,
+        region: Rect,
     ) -> np.ndarray:
         """Resample in horizontal bands so huge single-level reads stay within memory."""
         bx0, by0, bx1, by1 = box
@@ -230,7 +234,7 @@ class PyramidSource:
             bands.append(band)
         return np.concatenate(bands, axis=0)
 
-    def _ensure_memory(self, nbytes: float, region: Region | None, out: tuple[int, int]) -> None:
+    def _ensure_memory(self, nbytes: float, region: Rect | None, out: tuple[int, int]) -> None:
         """Refuse a read that would need more memory than is available (before allocating)."""
         free = available_memory()
         if free is None or nbytes <= _MEMORY_SHARE * free:
@@ -249,7 +253,7 @@ class PyramidSource:
         box: tuple[float, float, float, float],
         out_w: int,
         out_h: int,
-        region: Region | None = None,
+        region: Rect | None = None,
         out_size: tuple[int, int] | None = None,
     ) -> np.ndarray:
         lw, lh = self._level_dims[level]

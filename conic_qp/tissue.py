@@ -20,6 +20,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label
 
 from conic_qp.errors import ConicQPError
+from conic_qp.pyramid import Rect
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ def box_in_mask(
     )
 
 
-def mask_region(
-    mask: np.ndarray, downsample: float, region: tuple[float, float, float, float]
-) -> np.ndarray:
+def mask_region(mask: np.ndarray, downsample: float, region: Rect) -> np.ndarray:
     """Crop a whole-slide mask to a level-0 ``region`` (x, y, w, h).
 
     ``downsample`` is level-0 pixels per mask pixel (what ``SlideSource.thumbnail`` returns).

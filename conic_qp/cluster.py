@@ -220,7 +220,7 @@ def jobqueue_kwargs(kind: str, config: Mapping[str, Any]) -> dict[str, Any]:
     if "--resources" not in extra:
         extra += ["--resources", f"{SLIDE_RESOURCE}=1"]
     kw["worker_extra_args"] = extra
-    kw.setdefault("name", "conic-qp")
+    kw.setdefault("job_name", "conic-qp")
     return kw
 
 
@@ -240,7 +240,6 @@ def jobqueue_job_script(
     """The batch script one worker job would run (no scheduler or batch system needed)."""
     _, job_cls = _jobqueue_classes(kind)
     kw = jobqueue_kwargs(kind, config)
-    kw.pop("name", None)
     try:
         job = job_cls(scheduler=scheduler, name="conic-qp-worker", **kw)
     except TypeError as exc:

@@ -837,9 +837,9 @@ def predict_paths(
     from conic_qp.predict import _compile, slide_stem
 
     refs = [p if isinstance(p, SlideRef) else SlideRef.file(p) for p in paths]
-    stems = unique_stems(
-        [r.location if r.is_file else r.uri for r in refs], stem=lambda p: slide_stem(p.name)
-    )
+    keys = [r.location if r.is_file else r.uri for r in refs]
+    names = {Path(k): r.name for k, r in zip(keys, refs, strict=True)}
+    stems = unique_stems(keys, stem=lambda p: slide_stem(names.get(p, p.name)))
     compile_nets = compile_models if compile_models is not None else settings.compile
     spec: ModelSpec | None = None
     if runner is None or isinstance(runner, InProcessRunner):

@@ -168,7 +168,7 @@ def test_jobqueue_scripts_for_slurm_and_pbs(tmp_path: Path) -> None:
     assert spec.kind == "slurm" and spec.retries == 3 and spec.config["jobs"] == 4
     slurm = jobqueue_job_script("slurm", spec.config, "tcp://10.0.0.5:8786")
     lines = slurm.splitlines()
-    for directive in ("-p gpu", "-A pathology", "--cpus-per-task=8", "-t 04:00:00",
+    for directive in ("-J conic-qp", "-p gpu", "-A pathology", "--cpus-per-task=8", "-t 04:00:00",
                       "--gres=gpu:1", "--constraint=a100"):  # fmt: skip
         assert f"#SBATCH {directive}" in lines, (directive, slurm)
     assert "module load cuda/12.1" in lines

@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 
 from conic_qp import __version__
-from conic_qp.errors import ConicQPError, OutputError, cli_flag, describe_os_error
+from conic_qp.errors import ConicQPError, OutputError, cli_flag, describe_os_error, render
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -454,7 +454,8 @@ def annotate_cmd(
         for col in ("entry id", "name", "file"):
             listing.add_column(col)
         for im in qp.images:
-            listing.add_row(im.entry_id, im.name, str(im.path) if im.ok else f"[red]{im.problem}")
+            problem = render(im.problem_template or im.problem or "", cli_flag)
+            listing.add_row(im.entry_id, im.name, str(im.path) if im.ok else f"[red]{problem}")
         Console().print(listing)
         return
     paths = list(model_paths)

@@ -433,9 +433,8 @@ def image_ref(project: QuPathProject, image: ProjectImage) -> SlideRef:
         if parsed is not None:
             return dataclasses.replace(parsed, **common)
     location = str(image.path) if image.path is not None else (image.uri or image.name)
-    return SlideRef(
-        FILE, location, problem=image.problem or f"image {image.name} cannot be opened", **common
-    )
+    problem = image.problem_template or image.problem or f"image {image.name} cannot be opened"
+    return SlideRef(FILE, location, problem=problem, **common)
 
 
 def project_refs(

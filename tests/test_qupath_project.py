@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conic_qp.classes import CONIC, ClassScheme
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, cli_flag, render
 from conic_qp.qupath.classes import (
     argb_to_rgb,
     read_path_classes,
@@ -167,7 +167,8 @@ def test_moved_project_resolves_relative_and_remap(tmp_path: Path) -> None:
     (new / "elsewhere" / "deep" / "b.svs").rename(moved_b)
     p = read_project(new / "cohort" / "project")
     assert p.image(1).ok and not p.image(2).ok
-    assert "--remap" in p.image(2).problem
+    assert "pass remap" in p.image(2).problem  # the CLI spells it --remap
+    assert "--remap" in render(p.image(2).problem_template or "", cli_flag)
     # explicit remap of the old prefix
     p = read_project(
         new / "cohort" / "project", remap={str(old / "elsewhere" / "deep"): str(moved_b.parent)}

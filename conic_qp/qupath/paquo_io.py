@@ -38,7 +38,7 @@ import pandas as pd
 import shapely
 
 from conic_qp.classes import ClassScheme
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.objects import prob_column
 from conic_qp.qupath.classes import (
     QUPATH_DEFAULT_CLASSES,
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 _INSTALL_HINT = (
     "install paquo (`pip install conic-qp[qupath]`) and QuPath (paquo finds it through "
-    "PAQUO_QUPATH_DIR or its default locations), or use --backend geojson"
+    f"PAQUO_QUPATH_DIR or its default locations), or use {option('backend')} geojson"
 )
 
 
@@ -83,9 +83,11 @@ def require_paquo() -> None:
     try:
         import paquo  # noqa: F401
     except ImportError:
-        raise ConicQPError(f"--backend paquo: paquo is not installed; {_INSTALL_HINT}") from None
+        raise ConicQPError(
+            f"{option('backend')} paquo: paquo is not installed; {_INSTALL_HINT}"
+        ) from None
     if not paquo_available():
-        raise ConicQPError(f"--backend paquo: paquo cannot find QuPath; {_INSTALL_HINT}")
+        raise ConicQPError(f"{option('backend')} paquo: paquo cannot find QuPath; {_INSTALL_HINT}")
 
 
 def measurements_of(table: pd.DataFrame, classes: ClassScheme) -> tuple[list[str], np.ndarray]:

@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option, render
 from conic_qp.inputs import read_json
 from conic_qp.locks import clean_stale_temps, hold_lock
 from conic_qp.outputs import DETECTIONS_DIR as DETECTIONS_DIR
@@ -81,6 +81,8 @@ class ProjectImage:
     metadata: Mapping[str, str] = field(default_factory=dict)
     #: the file was found somewhere else than its URI says (moved project, ``--remap``)
     moved: bool = False
+    #: ``problem`` with its settings marked (:func:`conic_qp.errors.option`), for the CLI
+    problem_template: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -131,7 +133,7 @@ class QuPathProject:
         if unknown:
             raise ConicQPError(
                 f"images {unknown} are not in project {self.path}; use entry ids or image names "
-                "(list them with `conic-qp annotate --list`)"
+                f"(list them with {option('QuPathProject.images', '`conic-qp annotate --list`')})"
             )
         return out
 
@@ -214,7 +216,7 @@ def parse_remap(items: Iterable[str] | Mapping[str, str] | None) -> dict[str, st
     for item in items:
         old, sep, new = item.partition("=")
         if not sep or not old.strip() or not new.strip():
-            raise ConicQPError(f"--remap {item!r} must look like OLD_PREFIX=NEW_PREFIX")
+            raise ConicQPError(f"{option('remap')} {item!r} must look like OLD_PREFIX=NEW_PREFIX")
         out[old.strip()] = new.strip()
     return out
 
@@ -339,7 +341,11 @@ def _resolve(
             if cand != direct:
                 log.info("image %s found at %s", path_str, cand)
             return cand, None, cand != direct
-    hint = "pass --remap OLD_PREFIX=NEW_PREFIX" if not remap else "check the --remap prefixes"
+    hint = (
+        f"pass {option('remap')} OLD_PREFIX=NEW_PREFIX"
+        if not remap
+        else f"check the {option('remap')} prefixes"
+    )
     n_moved = len(tried) - (1 if direct is not None else 0)
     return (
         None,
@@ -438,7 +444,7 @@ def read_project(
                 uri=uri,
                 path=resolved,
                 data_dir=file.parent / "data" / entry_id,
-                problem=problem,
+                problem=render(problem) if problem else None,
                 builder_type=outer,
                 provider=inner.get("providerClassName"),
                 args=tuple(str(a) for a in args),
@@ -448,10 +454,11 @@ def read_project(
                 description=entry.get("description"),
                 metadata={str(k): str(v) for k, v in user_meta.items()},
                 moved=moved,
+                problem_template=problem,
             )
         )
         if problem:
-            log.debug("project image %s (%s): %s", entry_id, name, problem)
+            log.debug("project image %s (%s): %s", entry_id, name, render(problem))
     bad = [im for im in images if im.problem]
     if bad:
         log.warning(

@@ -340,6 +340,7 @@ def open_cluster(spec: ClusterSpec, *, device: str = "auto") -> Iterator[Any]:
                     resources={SLIDE_RESOURCE: 1},
                     dashboard_address=dashboard,
                     env=env,
+                    silence_logs=logging.ERROR,
                 )
                 threads = threads or per_worker
                 client = distributed.Client(cluster)

@@ -506,6 +506,8 @@ class Manifest:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.rows: dict[str, dict[str, Any]] = {}
+        #: key -> position: rows are written in this order (a cohort's job order), others after
+        self.order: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -711,6 +713,8 @@ def run_cohort(
         book = Manifest.load(manifest, fingerprint)
     else:
         book = None
+    if book is not None:
+        book.order = {k: i for i, k in enumerate(keys)}
     results: dict[str, SlideResult] = {}
     order = {k: i for i, k in enumerate(keys)}
 

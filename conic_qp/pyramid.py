@@ -177,7 +177,7 @@ class PyramidSource:
             )
         out_w, out_h = size if size is not None else scaled_size((w, h), self._mpp, mpp)
         if out_w < 1 or out_h < 1:
-            raise ConicQPError(f"output size {size} must be at least 1x1 px")
+            raise ValueError(f"output size {size} must be at least 1x1 px")
         level = self.best_level(mpp)
         lw, lh = self._level_dims[level]
         w0, h0 = self._level_dims[0]
@@ -191,7 +191,7 @@ class PyramidSource:
     def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
         """Whole slide, longer side <= ``max_size``; returns ``(rgb, level-0 px per thumb px)``."""
         if max_size < 1:
-            raise ConicQPError(f"thumbnail size must be >= 1 px, got {max_size}")
+            raise ValueError(f"thumbnail size must be >= 1 px, got {max_size}")
         w0, h0 = self._level_dims[0]
         downsample = max(1.0, max(w0, h0) / max_size)
         size = (max(1, math.floor(w0 / downsample)), max(1, math.floor(h0 / downsample)))

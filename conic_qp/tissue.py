@@ -19,7 +19,6 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from skimage.measure import label
 
-from conic_qp.errors import ConicQPError
 from conic_qp.pyramid import Rect
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def tissue_mask(
     """
     rgb = np.asarray(thumbnail_rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
-        raise ConicQPError(
+        raise ValueError(
             f"tissue detection needs an (h, w, 3) uint8 RGB thumbnail, got {rgb.shape} {rgb.dtype}"
         )
     hsv = rgb2hsv(rgb)
@@ -106,7 +105,7 @@ def _mask_window(
     gh, gw = shape
     y0, x0, y1, x1 = box
     if not (0 <= y0 < y1 <= gh and 0 <= x0 < x1 <= gw):
-        raise ConicQPError(f"box {box} is not inside the grid {shape}")
+        raise ValueError(f"box {box} is not inside the grid {shape}")
     sy, sx = mh / gh, mw / gw
     my0 = min(int(np.floor(y0 * sy)), mh - 1)
     mx0 = min(int(np.floor(x0 * sx)), mw - 1)
@@ -146,7 +145,7 @@ def mask_region(mask: np.ndarray, downsample: float, region: Rect) -> np.ndarray
     to :func:`conic_qp.tissue.box_in_mask` (as :func:`conic_qp.plan.plan_slide` does).
     """
     if downsample <= 0:
-        raise ConicQPError(f"mask downsample must be positive, got {downsample}")
+        raise ValueError(f"mask downsample must be positive, got {downsample}")
     x, y, w, h = region
     mh, mw = mask.shape[:2]
     x0 = int(np.clip(np.floor(x / downsample), 0, mw - 1))

@@ -1294,9 +1294,10 @@ def omero_predict_cmd(
         )
     Console().print(table)
     console.print(f"local outputs in {out_dir}", highlight=False)
-    if batch.failures:
-        console.print(f"[bold red]{len(batch.failures)} image(s) failed:[/]", highlight=False)
-        for key, msg in batch.failures.items():
+    failures = batch.failure_messages(cli_flag)
+    if failures:
+        console.print(f"[bold red]{len(failures)} image(s) failed:[/]", highlight=False)
+        for key, msg in failures.items():
             console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
         sys.exit(1)
 

@@ -65,6 +65,7 @@ __all__ = [
     "Runner",
     "SlideJob",
     "SlideResult",
+    "SlideTask",
     "cached_models",
     "clear_model_cache",
     "is_done",
@@ -594,14 +595,22 @@ class Runner(Protocol):
     ) -> None: ...
 
 
+#: What a runner calls per slide: ``task(job, models, executor=..., on_progress=...)``.
+SlideTask = Callable[..., SlideResult]
+
+
 class InProcessRunner:
     """Slide after slide in this process, with one model set and one post-processing pool.
 
     ``models``: the model set for jobs without a ``model`` (and instead of loading theirs).
+    ``task``: the work per slide (default :func:`run_slide_job`); a source whose results go
+    elsewhere in the same step (OMERO: predict, then upload) passes its own, which must return a
+    :class:`SlideResult` and capture its failures like :func:`run_slide_job`.
     """
 
-    def __init__(self, models: ModelSet | None = None) -> None:
+    def __init__(self, models: ModelSet | None = None, task: SlideTask | None = None) -> None:
         self.models = models
+        self.task = task
 
     def run(
         self,
@@ -618,8 +627,9 @@ class InProcessRunner:
             for i, job in enumerate(jobs):
                 if on_start is not None:
                     on_start(job)
+                task = self.task or run_slide_job
                 on_result(
-                    run_slide_job(
+                    task(
                         job,
                         self.models,
                         executor=executor if job.settings.workers > 0 else None,

@@ -8,8 +8,11 @@ manifest), and :func:`open_ref` opens one as a :class:`~conic_qp.slides.SlideSou
 opener registered for its scheme.
 
 Schemes are registered with :func:`register_scheme`. ``file`` is built in. ``omero`` is
-registered lazily: its parser and opener are named as ``"module:function"`` strings and are only
-imported when an OMERO reference appears, so the OMERO extra is needed only by users of OMERO.
+registered lazily: its opener (:func:`conic_qp.omero.source.open_ref`, on this process's
+connection: the one a command registered, or a login from the environment / ``omero login``
+session, e.g. on a Dask worker) and expander (:func:`conic_qp.omero.jobs.expand_ref`) are named
+as ``"module:function"`` strings and only imported when an OMERO reference appears, so the OMERO
+extra is needed only by users of OMERO.
 The contract for a scheme's functions:
 
 * ``parse(text) -> SlideRef | None``: recognise a reference written as text (``None``: not
@@ -481,7 +484,7 @@ register_scheme(
     OMERO,
     "conic_qp.omero.source:open_ref",
     parse=_omero_parse,
-    expand="conic_qp.omero.source:expand_ref",
+    expand="conic_qp.omero.jobs:expand_ref",
     requires=("omero", "conic_qp.omero.source"),
     install="install the omero extra: pip install 'conic-qp[omero]'",
 )

@@ -129,7 +129,7 @@ def test_missing_pixel_size_rescued_by_mpp(srv: Any) -> None:
 
     img, _ = _image_with_pixels(srv, 8, [_rgb(64, 64)], mpp=None)
     conn = LoopbackConn(srv, {8: img})
-    with pytest.raises(ConicQPError, match="--mpp"):
+    with pytest.raises(ConicQPError, match="pass mpp"):
         OmeroSource(conn, conn.getObject("Image", 8))
     with OmeroSource(conn, conn.getObject("Image", 8), mpp=0.25) as src:
         assert src.mpp == 0.25
@@ -494,7 +494,7 @@ def test_bad_images_are_listed_and_the_batch_goes_on(
     assert "not found" in status[99][1] and "permission" in status[99][1]
     assert "RGB" in status[12][1] and "uint16" in status[12][1]
     assert "no permission to annotate" in status[13][1]
-    assert "--mpp" in status[14][1]
+    assert "pass mpp" in status[14][1]  # the CLI spells it --mpp
     assert not srv.db.links.get(13)  # refused before anything was written
     for _, msg in status.values():
         assert "\n" not in msg
@@ -565,3 +565,41 @@ def test_omero_script_runs_on_its_session(
     message = script.run(Client())
     assert message.startswith("1 image(s) done")
     assert len(_linked(srv, 11)[NS_TABLE]) == 1 and len(srv.db.rois) == 5
+
+
+def test_omero_images_are_slide_references_of_a_cohort(
+    srv: Any, slide: list[np.ndarray], tmp_path: Path
+) -> None:
+    """`omero://` references run through the same cohort loop as files (predict, no upload)."""
+    from conic_qp.cohort import predict_paths
+    from conic_qp.omero.source import register_connection, unregister_connection
+    from conic_qp.sources import expand_refs
+    from conic_qp.synthetic import synthetic_slide_image
+    from tests.helpers_models import settings, stand_in_models
+    from tests.helpers_slides import write_pyramidal_tiff
+
+    img, store = _job_setup(srv, slide)
+    conn = _Connection(srv, {11: img})
+    conn.connect()
+    register_connection(conn)
+    try:
+        file_slide = write_pyramidal_tiff(
+            tmp_path / "f.tif", synthetic_slide_image(256, 256, seed=5).image, mpp=0.5
+        )
+        uri = f"omero://127.0.0.1:{srv.port}/image/11"
+        refs, missing = expand_refs([uri, file_slide])
+        assert [r.scheme for r in refs] == ["omero", "file"] and not missing
+        out = tmp_path / "out"
+        batch = predict_paths(refs, stand_in_models(), settings(save_labels=False), out)
+        assert batch.ok, batch.failures
+        omero_result, file_result = batch.results
+        assert omero_result.n_nuclei > 20 and store.tiles_read
+        run = json.loads((out / f"{omero_result.key}.run.json").read_text())
+        assert run["slide"]["path"] == uri and run["slide"]["name"] == "synth.svs [image 11]"
+        manifest = pd.read_parquet(out / "manifest.parquet")
+        assert list(manifest["ref"]) == [uri, str(file_slide)]
+        assert list(manifest["status"]) == ["done", "done"]
+        assert PASSWORD not in manifest.to_json() and KEY not in manifest.to_json()
+    finally:
+        unregister_connection(conn)
+        conn.close()

@@ -17,7 +17,7 @@ import pytest
 import shapely
 
 from conic_qp.classes import ClassScheme
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, cli_flag
 
 pytestmark = pytest.mark.omero
 
@@ -143,8 +143,8 @@ def test_pixel_size_is_converted_to_micrometres(
         ({"pixel_type": "uint16"}, "uint16"),
         ({"size_c": 4}, "4-channel"),
         ({"size_c": 2}, "2-channel"),
-        ({"mpp": None}, "--mpp"),
-        ({"mpp": 1.0, "unit": "PIXEL"}, "--mpp"),
+        ({"mpp": None}, "pass mpp"),
+        ({"mpp": 1.0, "unit": "PIXEL"}, "pass mpp"),
         ({"mpp": 25.0}, "implausible"),
     ],
 )
@@ -333,5 +333,5 @@ def test_group_selection_by_name_or_id(om: Any) -> None:
     assert conn._select_group("3") == 3 and gw.switched == [5, 3]
     with pytest.raises(ConicQPError) as info:
         conn._select_group("radiology")
-    msg = str(info.value)
+    msg = info.value.render(cli_flag)  # as the CLI prints it
     assert "not a member" in msg and "imaging core, pathology" in msg and "--group" in msg

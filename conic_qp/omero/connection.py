@@ -35,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def resolve_credentials(
     """
     env = os.environ if environ is None else environ
     if port is not None:
-        port = _parse_port(port, "--port")
+        port = _parse_port(port, option("port"))
     host = host or env.get(ENV_HOST) or ref_host or None
     port = (
         port
@@ -249,7 +249,9 @@ def resolve_credentials(
         if host is None and login is not None:
             host, port = login[0], port or login[3]
         if host is None:
-            raise ConicQPError(f"a session key needs a server: pass --host or set {ENV_HOST}")
+            raise ConicQPError(
+                f"a session key needs a server: pass {option('host')} or set {ENV_HOST}"
+            )
         return OmeroCredentials(host, port or DEFAULT_PORT, None, None, key, group, "session key")
     if user or password:
         if not (user and password):
@@ -259,7 +261,9 @@ def resolve_credentials(
                 "or use `omero login`"
             )
         if host is None:
-            raise ConicQPError(f"{ENV_USER} is set but no server: pass --host or set {ENV_HOST}")
+            raise ConicQPError(
+                f"{ENV_USER} is set but no server: pass {option('host')} or set {ENV_HOST}"
+            )
         return OmeroCredentials(
             host, port or DEFAULT_PORT, user, password, None, group, "environment"
         )
@@ -282,7 +286,7 @@ def resolve_credentials(
     where = f" {host}" if host else " HOST"
     raise ConicQPError(
         f"no OMERO login found: run `omero login{where}`, set {ENV_USER} and {ENV_PASSWORD} "
-        f"(with {ENV_HOST}), or pass --session-key"
+        f"(with {ENV_HOST}), or pass {option('session_key')}"
     )
 
 
@@ -357,7 +361,8 @@ def translate_error(
         )
     if isinstance(exc, omero.SecurityViolation):
         return ConicQPError(
-            f"no permission for {what} on OMERO at {server}{detail}; check the group (--group) "
+            f"no permission for {what} on OMERO at {server}{detail}; check the group "
+            f"({option('group')}) "
             "and your rights on the data"
         )
     if isinstance(exc, omero.MissingPyramidException):
@@ -586,7 +591,7 @@ class OmeroConnection:
                 have = ", ".join(sorted(groups.values())) or "none"
                 raise ConicQPError(
                     f"you are not a member of OMERO group {group!r} on {self.server} (member "
-                    f"of: {have}); pass --group with one of those"
+                    f"of: {have}); pass {option('group')} with one of those"
                 )
             gid = wanted[0]
             if gw.setGroupForSession(gid) is False:

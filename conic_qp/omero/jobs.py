@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import pandas as pd
 import shapely
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option, render
 from conic_qp.omero.connection import OmeroConnection, OmeroConnectionLost
 from conic_qp.omero.refs import OmeroRef
 from conic_qp.omero.results import (
@@ -39,12 +40,12 @@ from conic_qp.omero.results import (
     image_group,
     write_image_results,
 )
+from conic_qp.outputs import MANIFEST_FILE
 from conic_qp.predict import (
     ModelSet,
     PredictSettings,
     Progress,
     is_complete,
-    make_executor,
     output_paths,
     predict_slide,
 )
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "OmeroBatchResult",
     "OmeroImageResult",
+    "expand_ref",
     "expand_refs",
     "image_stem",
     "load_omero_cohort",
@@ -80,9 +82,12 @@ class OmeroImageResult:
     written: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     attempts: int = 1
+    #: the error with its settings marked (:func:`conic_qp.errors.option`), for the CLI
+    error_template: str | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out.pop("error_template")
         out["outputs"] = {k: v.name for k, v in self.outputs.items()}
         return out
 
@@ -94,6 +99,16 @@ class OmeroBatchResult:
     @property
     def failures(self) -> dict[str, str]:
         return {f"image {r.image_id}": str(r.error) for r in self.images if r.status == "failed"}
+
+    def failure_messages(
+        self, flag: Callable[[str, str | None], str] | None = None
+    ) -> dict[str, str]:
+        """:attr:`failures` with the settings in each message spelled by ``flag``."""
+        return {
+            f"image {r.image_id}": render(r.error_template or str(r.error), flag)
+            for r in self.images
+            if r.status == "failed"
+        }
 
     @property
     def ok(self) -> bool:
@@ -164,6 +179,23 @@ def expand_refs(connection: OmeroConnection, refs: Sequence[OmeroRef]) -> list[i
     return unique
 
 
+def expand_ref(ref: Any) -> list[Any]:
+    """The image references of an OMERO dataset/project/plate reference (images: itself)."""
+    from conic_qp.omero.refs import parse_ref
+    from conic_qp.omero.source import _connection_for
+    from conic_qp.sources import SlideRef
+
+    parsed = parse_ref(ref.location)
+    if parsed.kind == "image":
+        return [ref]
+    conn = _connection_for(parsed.host, parsed.port)
+    host, port = conn.credentials.host, conn.credentials.port
+    return [
+        SlideRef("omero", OmeroRef("image", iid, host, port).uri, name=f"image {iid}")
+        for iid in expand_refs(conn, [parsed])
+    ]
+
+
 def _images_of(gw: Any, ref: OmeroRef) -> list[int]:
     if ref.kind == "image":
         return [ref.id]
@@ -171,7 +203,7 @@ def _images_of(gw: Any, ref: OmeroRef) -> list[int]:
     if obj is None:
         raise ConicQPError(
             f"OMERO {ref.kind} {ref.id} was not found (or you cannot see it); check the id and "
-            "the group (--group)"
+            f"the group ({option('group')})"
         )
     if ref.kind == "dataset":
         return sorted(int(im.getId()) for im in gw.getObjects("Image", opts={"dataset": ref.id}))
@@ -248,7 +280,7 @@ def run_omero_image(
     name = f"image {image_id}"
     if resume and uploaded(out_dir, stem, models.fingerprint, write):
         rec = _read_json(record_path(out_dir, stem))
-        log.info("image %d: already uploaded (--resume), skipped", image_id)
+        log.info("image %d: already uploaded (resume), skipped", image_id)
         return OmeroImageResult(
             int(image_id),
             str(rec.get("name") or name),
@@ -321,7 +353,7 @@ def _run_once(
         where = "" if connection.group_id is None else f" in group {connection.credentials.group!r}"
         raise ConicQPError(
             f"OMERO image {image_id} was not found on {server}{where}, or you have no "
-            "permission to see it; check the id" + (" and --group" if where else "")
+            "permission to see it; check the id" + (f" and {option('group')}" if where else "")
         )
     name = f"{image.getName()} [image {image_id}]"
     paths = output_paths(out_dir, stem)
@@ -446,54 +478,87 @@ def run_omero_images(
 ) -> OmeroBatchResult:
     """Run every image of ``refs``; a failed image is recorded and the batch goes on.
 
-    Writes ``omero-run.json`` (server, references, per-image status; no credentials) into
-    ``out_dir`` at the end.
+    The images are one cohort (:func:`conic_qp.cohort.run_cohort`: the loop every command
+    uses, with its manifest ``<out_dir>/manifest.parquet``): each is a
+    :class:`~conic_qp.cohort.SlideJob` whose task is :func:`run_omero_image` on this process's
+    connection (read, predict, upload, with its reconnecting retries). Writes
+    ``omero-run.json`` (server, references, per-image status; no credentials) into ``out_dir``
+    at the end.
     """
+    from conic_qp.cohort import InProcessRunner, SlideJob, SlideResult, run_cohort
     from conic_qp.sinks import write_json_atomic
+    from conic_qp.sources import SlideRef
 
     ids = expand_refs(connection, refs)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    results: list[OmeroImageResult] = []
-    executor = make_executor(settings.workers)
-    try:
-        for i, iid in enumerate(ids):
-            report = _indexed(on_progress, i, len(ids))
-            try:
-                res = run_omero_image(
-                    connection,
-                    iid,
-                    models,
-                    settings,
-                    out_dir,
-                    write=write,
-                    mpp=mpp,
-                    force_mpp=force_mpp,
-                    roi=roi,
-                    regions=regions,
-                    inside_rois=inside_rois,
-                    resume=resume,
-                    retries=retries,
-                    executor=executor,
-                    on_progress=report,
-                )
-            except ConicQPError as exc:
-                log.error("image %d: %s", iid, exc)
-                res = OmeroImageResult(iid, f"image {iid}", "failed", error=str(exc))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # one broken image must not stop the batch
-                log.exception("image %d failed", iid)
-                res = OmeroImageResult(
-                    iid, f"image {iid}", "failed", error=f"{type(exc).__name__}: {exc}"
-                )
-            results.append(res)
-            if report is not None:
-                status = {"done": "finished", "skipped": "skipped", "failed": "failed"}[res.status]
-                report(Progress(res.name, status))
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-    batch = OmeroBatchResult(results)
+    host, port = connection.credentials.host, connection.credentials.port
+    jobs = [
+        SlideJob(
+            SlideRef("omero", OmeroRef("image", iid, host, port).uri, name=f"image {iid}"),
+            os.fspath(out_dir),
+            image_stem(host, iid),
+            settings,
+            roi=roi,
+            mpp=mpp,
+        )
+        for iid in ids
+    ]
+    by_key = {job.key: iid for job, iid in zip(jobs, ids, strict=True)}
+    results: dict[str, OmeroImageResult] = {}
+
+    def task(
+        job: SlideJob,
+        models: ModelSet | None,
+        *,
+        executor: Executor | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> SlideResult:
+        assert models is not None
+        iid = by_key[job.key]
+        started = time.time()
+        try:
+            res = run_omero_image(
+                connection, iid, models, settings, out_dir, write=write, mpp=mpp,
+                force_mpp=force_mpp, roi=roi, regions=regions, inside_rois=inside_rois,
+                resume=resume, retries=retries, executor=executor, on_progress=on_progress,
+            )  # fmt: skip
+            error = None
+        except ConicQPError as exc:
+            log.error("image %d: %s", iid, exc)
+            res, error = (
+                OmeroImageResult(iid, f"image {iid}", "failed", error=str(exc)),
+                exc.template,
+            )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one broken image must not stop the batch
+            log.exception("image %d failed", iid)
+            res = OmeroImageResult(
+                iid, f"image {iid}", "failed", error=f"{type(exc).__name__}: {exc}"
+            )
+            error = res.error
+        results[job.key] = res
+        return SlideResult(
+            job.key,
+            dataclasses.replace(job.ref, name=res.name),
+            res.status,
+            outputs=dict(res.outputs) if res.status != "failed" else {},
+            n_nuclei=res.n_nuclei,
+            error=error,
+            started=started,
+            finished=time.time(),
+            attempts=res.attempts,
+            extra={"written": res.written, "n_regions": res.n_regions},
+        )
+
+    run_cohort(
+        jobs,
+        runner=InProcessRunner(models, task=task),
+        models=models,
+        manifest=Path(out_dir) / MANIFEST_FILE,
+        on_progress=on_progress,
+    )
+    batch = OmeroBatchResult([results[job.key] for job in jobs if job.key in results])
     write_json_atomic(
         Path(out_dir) / BATCH_FILE,
         {
@@ -502,24 +567,10 @@ def run_omero_images(
             "references": [r.uri for r in refs],
             "write": write.to_json(),
             "fingerprint": models.fingerprint,
-            "images": [r.to_json() for r in results],
+            "images": [r.to_json() for r in batch.images],
         },
     )
     return batch
-
-
-def _indexed(cb: ProgressCallback | None, i: int, n: int) -> ProgressCallback | None:
-    if cb is None:
-        return None
-
-    def wrapped(p: Progress) -> None:
-        p.slide_index, p.slides_total = i, n
-        cb(p)
-
-    return wrapped
-
-
-# ------------------------------------------------------------------------------ composition
 
 
 def load_omero_cohort(

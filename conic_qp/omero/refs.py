@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 
 __all__ = [
     "KINDS",
@@ -145,7 +145,11 @@ def parse_ref(text: str, default_kind: Kind | None = None) -> OmeroRef:
         hit = _WEB_CONTAINER.search(where)
         if hit:
             return OmeroRef(hit.group(1), int(hit.group(2)), host, None)  # type: ignore[arg-type]
-    hint = "a bare id with --image/--dataset/..., " if default_kind is None else ""
+    hint = (
+        f"a bare id with {option('image')}/{option('dataset')}/..., "
+        if default_kind is None
+        else ""
+    )
     raise ConicQPError(
         f"{raw!r} names no OMERO image; give {hint}omero://host/image/ID or an OMERO.web link "
         "such as https://host/webclient/?show=image-ID"
@@ -227,7 +231,8 @@ def collect_refs(
         out.extend(r for _, r in found)
     if not out:
         raise ConicQPError(
-            "no OMERO image given: pass --image ID, --dataset ID, --project ID, --plate ID or "
+            f"no OMERO image given: pass {option('image')} ID, {option('dataset')} ID, "
+            f"{option('project')} ID, {option('plate')} ID or "
             "an omero://host/image/ID reference"
         )
     hosts = {r.host.lower() for r in out if r.host}

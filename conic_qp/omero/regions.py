@@ -25,6 +25,7 @@ import shapely
 import shapely.affinity
 
 from conic_qp.composition import CompositionRegion, regions_from
+from conic_qp.regions import Region
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def shape_geometry(shape: ShapeInfo) -> shapely.Geometry | None:
 
 def regions_from_shapes(
     shapes: Iterable[ShapeInfo], skip_roi_names: Sequence[str] = ()
-) -> list[CompositionRegion]:
+) -> list[Region]:
     """Group shapes into regions (see the module docstring); labels made unique."""
     groups: dict[str, dict[str, Any]] = {}
     for s in shapes:
@@ -188,9 +189,7 @@ def shape_info(roi: Any, shape: Any) -> ShapeInfo:
     return ShapeInfo(roi_id, kind, params, text, name, transform)
 
 
-def read_image_regions(
-    conn: Any, image_id: int, server: str = "the server"
-) -> list[CompositionRegion]:
+def read_image_regions(conn: Any, image_id: int, server: str = "the server") -> list[Region]:
     """The composition regions of an OMERO image's ROIs (not conic-qp's own nucleus ROIs)."""
     from conic_qp.omero.connection import omero_errors
     from conic_qp.omero.results import ROI_NAME

@@ -42,7 +42,7 @@ import pandas as pd
 import shapely
 
 from conic_qp.classes import ClassScheme
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.objects import prob_column
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,11 @@ class WriteOptions:
 
     def __post_init__(self) -> None:
         if self.max_rois < 0:
-            raise ConicQPError(f"--max-rois must be >= 0 (got {self.max_rois})")
+            raise ConicQPError(f"{option('max_rois')} must be >= 0 (got {self.max_rois})")
         if self.max_rois > MAX_ROIS_LIMIT:
             raise ConicQPError(
-                f"--max-rois {self.max_rois} is above {MAX_ROIS_LIMIT}; OMERO viewers become "
+                f"{option('max_rois')} {self.max_rois} is above {MAX_ROIS_LIMIT}; OMERO viewers "
+                "become "
                 "unusable with that many ROIs; use the table or the GeoJSON for all nuclei"
             )
         if not 1 <= self.roi_batch <= 1000:
@@ -256,13 +257,15 @@ class WriteOptions:
         unknown = sorted(set(kinds) - set(WRITE_KINDS))
         if unknown:
             raise ConicQPError(
-                f"--write {','.join(unknown)}: unknown; choose from {','.join(WRITE_KINDS)}"
+                f"{option('write')} {','.join(unknown)}: unknown; choose from "
+                f"{','.join(WRITE_KINDS)}"
             )
         if not kinds:
-            raise ConicQPError(f"--write needs at least one of {','.join(WRITE_KINDS)}")
+            raise ConicQPError(f"{option('write')} needs at least one of {','.join(WRITE_KINDS)}")
         if "rois" in kinds and max_rois <= 0:
             raise ConicQPError(
-                "--write rois needs --max-rois N (e.g. 5000): OMERO viewers slow down badly "
+                f"{option('write')} rois needs {option('max_rois')} N (e.g. 5000): OMERO viewers "
+                "slow down badly "
                 "with many ROIs, so their number is always capped"
             )
         if max_rois > 0 and "rois" not in kinds:
@@ -729,7 +732,7 @@ def read_image_table(conn: Any, image_id: int, server: str = "the server") -> pd
         if not candidates:
             raise ConicQPError(
                 f"OMERO image {image_id} has no conic-qp table; run `conic-qp omero predict` "
-                "with --write table first"
+                f"with {option('write')} table first"
             )
         ann = max(candidates, key=lambda a: int(a.getId()))
         with image_group(conn, image):

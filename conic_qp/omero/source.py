@@ -29,7 +29,7 @@ import numpy as np
 
 from conic_qp.errors import ConicQPError
 from conic_qp.omero.connection import omero_errors
-from conic_qp.slides import PyramidSource, _not_rgb, _pair_mpp, _resolve_mpp
+from conic_qp.pyramid import PyramidSource, _not_rgb, _pair_mpp, _resolve_mpp
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,11 @@ __all__ = [
     "decode_tile",
     "image_mpp",
     "level_order",
+    "open_ref",
+    "register_connection",
     "server_level",
     "tile_grid",
+    "unregister_connection",
 ]
 
 #: OMERO pixel types -> big-endian numpy dtypes of RawPixelsStore bytes.
@@ -277,3 +280,70 @@ class OmeroSource(PyramidSource):
                 store.close()
             except Exception as exc:  # the connection may be gone; nothing to release then
                 log.debug("closing the RawPixelsStore failed: %s", type(exc).__name__)
+
+
+# ------------------------------------------------------------- references (the cohort hook)
+
+#: Open connections of this process by server; the commands register theirs, a Dask worker
+#: logs in once per server (credentials from its environment or its ``omero login`` session).
+_CONNECTIONS: dict[tuple[str, int | None], Any] = {}
+_CONNECTIONS_LOCK = threading.Lock()
+
+
+def register_connection(connection: Any) -> None:
+    """Make ``connection`` (an open :class:`~conic_qp.omero.connection.OmeroConnection`) the one
+    :func:`open_ref` uses for its server in this process."""
+    c = connection.credentials
+    with _CONNECTIONS_LOCK:
+        _CONNECTIONS[(c.host.lower(), c.port)] = connection
+        _CONNECTIONS[(c.host.lower(), None)] = connection
+
+
+def unregister_connection(connection: Any) -> None:
+    with _CONNECTIONS_LOCK:
+        for key in [k for k, v in _CONNECTIONS.items() if v is connection]:
+            del _CONNECTIONS[key]
+
+
+def _connection_for(host: str | None, port: int | None) -> Any:
+    """This process's connection to ``host``: a registered one, else a new login (once)."""
+    from conic_qp.omero.connection import OmeroConnection, resolve_credentials
+
+    with _CONNECTIONS_LOCK:
+        if host is not None:
+            for key in ((host.lower(), port), (host.lower(), None)):
+                if key in _CONNECTIONS:
+                    return _CONNECTIONS[key]
+        elif len({id(v) for v in _CONNECTIONS.values()}) == 1:
+            return next(iter(_CONNECTIONS.values()))
+        conn = OmeroConnection(resolve_credentials(ref_host=host, ref_port=port))
+        conn.connect()
+        c = conn.credentials
+        _CONNECTIONS[(c.host.lower(), c.port)] = conn
+        _CONNECTIONS[(c.host.lower(), None)] = conn
+        return conn
+
+
+def open_ref(ref: Any, mpp: float | None = None, force_mpp: bool = False) -> OmeroSource:
+    """Open an ``omero://host[:port]/image/ID`` :class:`~conic_qp.sources.SlideRef` (the
+    ``omero`` scheme's opener, see :mod:`conic_qp.sources`)."""
+    from conic_qp.omero.refs import parse_ref
+
+    parsed = parse_ref(ref.location)
+    if parsed.kind != "image":
+        raise ConicQPError(
+            f"{ref.location} is an OMERO {parsed.kind}, not an image; list its images first"
+        )
+    conn = _connection_for(parsed.host, parsed.port)
+    gw = conn.gateway
+    if conn.group_id is None:
+        gw.SERVICE_OPTS.setOmeroGroup(-1)  # find the image in any of the user's groups
+    with conn.call(f"looking up image {parsed.id}"):
+        image = gw.getObject("Image", parsed.id)
+    if image is None:
+        raise ConicQPError(
+            f"OMERO image {parsed.id} was not found on {conn.server}, or you have no permission "
+            "to see it; check the id"
+        )
+    name = ref.name if ref.name and not ref.name.startswith("image ") else None
+    return OmeroSource(gw, image, mpp=mpp, force_mpp=force_mpp, server=conn.server, name=name)

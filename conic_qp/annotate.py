@@ -268,6 +268,7 @@ def annotate_project(
     detections_per_file: int = DETECTIONS_PER_FILE,
     on_progress: ProgressCallback | None = None,
     runner: Runner | None = None,
+    model_spec: ModelSpec | None = None,
 ) -> AnnotateResult:
     """Annotate the images of a QuPath project with nucleus detections.
 
@@ -290,6 +291,7 @@ def annotate_project(
     on_progress : receives :class:`conic_qp.predict.Progress` events (``slide_index`` set).
     runner : where inference runs (default: this process; a :class:`conic_qp.cluster.DaskRunner`
         runs the images on a cluster). Detections are written here, one image at a time.
+    model_spec : what a cluster's workers load (default: the checkpoints of ``models``).
 
     Raises
     ------
@@ -332,7 +334,9 @@ def annotate_project(
                 "images found elsewhere than their URI were left as they are: QuPath's "
                 "headless import cannot open them; fix the URIs in QuPath or let annotate do it"
             )
-        result = _annotate_locked(qp, selected, models, settings, opts, on_progress, runner)
+        result = _annotate_locked(
+            qp, selected, models, settings, opts, on_progress, runner, model_spec
+        )
     result.uri_fixes, result.project_backup = fixes, backup
     result.unresolved = [
         f"{im.entry_id} ({im.name})" for im in qp.images if not im.ok or (im.moved and not fix_uris)
@@ -366,6 +370,7 @@ def _annotate_locked(
     opts: _Options,
     on_progress: ProgressCallback | None,
     runner: Runner | None,
+    model_spec: ModelSpec | None = None,
 ) -> AnnotateResult:
     """Regions and jobs here, inference through the cohort runner (in process or on a cluster),
     detections into the project one image at a time, in this process, as results arrive."""
@@ -412,9 +417,9 @@ def _annotate_locked(
     try:
         sink = _make_sink(qp, opts)
         added = sink.open(models.classes)
-        spec = None if runner is None or isinstance(runner, InProcessRunner) else (
-            ModelSpec.from_models(models, settings.device)
-        )  # fmt: skip
+        spec = None
+        if runner is not None and not isinstance(runner, InProcessRunner):
+            spec = model_spec or ModelSpec.from_models(models, settings.device)
         planned: dict[str, _Planned] = {}
         for image in selected:
             outcome = ImageOutcome(image.entry_id, image.name)

@@ -489,6 +489,7 @@ def annotate_cmd(
             models,
             settings,
             runner,
+            model_spec=_worker_models(models, device, runtime) if runner is not None else None,
             images=selection,
             regions=regions,
             regions_geojson=regions_geojson,
@@ -794,7 +795,10 @@ def predict_cmd(
     # checkpoints and for the fingerprint --resume compares
     dev = resolve_device("cpu" if spec is not None else device)
     models = load_models(model_paths, device=dev, thresholds=thresholds)
-    models = _with_runtime(models, runtime, compile_models)
+    if spec is None:
+        models = _with_runtime(models, runtime, compile_models)
+    elif compile_models and runtime in ("onnx", "openvino"):
+        raise ConicQPError("--compile works with --runtime torch only")
 
     if spec is None:
         with _PredictProgress(len(refs), disabled=quiet) as progress:
@@ -810,6 +814,7 @@ def predict_cmd(
                 batch = predict_paths(
                     refs, models, settings, out_dir, progress.update, roi, mpp=mpp,
                     resume=resume, runner=DaskRunner(client, retries=spec.retries),
+                    model_spec=_worker_models(models, device, runtime, compile_models),
                 )  # fmt: skip
     results = batch.cohort.results if batch.cohort is not None else []
     failures = {**missing, **{r.ref.label: r.message(cli_flag) for r in results if not r.ok}}
@@ -834,6 +839,15 @@ def predict_cmd(
         sys.exit(1)
     if strict and any(r.status == "no_tissue" for r in results):
         sys.exit(1)
+
+
+def _worker_models(models: Any, device: str, runtime: str, compiled: bool = False) -> Any:
+    """The ModelSpec a cluster's workers load: these checkpoints, on their device and runtime."""
+    from conic_qp.cohort import ModelSpec
+
+    if compiled and runtime == "auto":
+        runtime = "torch"  # torch.compile compiles torch networks
+    return ModelSpec.from_models(models, device, compile=compiled, runtime=runtime)
 
 
 def _cluster_spec(cluster: str | None, config: str | None) -> Any:

@@ -92,13 +92,16 @@ class ModelSpec:
 
     ``paths`` are checkpoint folders (several = an ensemble); ``thresholds`` a thresholds.json
     overriding the first checkpoint's; ``device`` as for :func:`conic_qp.model.resolve_device`
-    (each process resolves ``"auto"`` for itself: a GPU worker gets its GPU).
+    (each process resolves ``"auto"`` for itself: a GPU worker gets its GPU); ``compile``:
+    ``torch.compile`` the networks; ``runtime``: who runs them on a CPU (``torch``, ``auto``,
+    ``onnx``, ``openvino``: :func:`conic_qp.runtime.apply_runtime`).
     """
 
     paths: tuple[str, ...]
     thresholds: str | None = None
     device: str = "auto"
     compile: bool = False
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -106,7 +109,14 @@ class ModelSpec:
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
 
     @classmethod
-    def from_models(cls, models: ModelSet, device: str = "auto") -> ModelSpec:
+    def from_models(
+        cls,
+        models: ModelSet,
+        device: str = "auto",
+        *,
+        compile: bool = False,
+        runtime: str = "torch",
+    ) -> ModelSpec:
         """The spec that loads ``models`` again (in another process).
 
         Raises ValueError for a model set that was not loaded from checkpoint folders (test
@@ -123,7 +133,7 @@ class ModelSpec:
         thresholds: str | None = None
         if source not in ("default", "") and Path(source).resolve() != own:
             thresholds = str(Path(source).resolve())
-        return cls(tuple(paths), thresholds, device)
+        return cls(tuple(paths), thresholds, device, compile, runtime)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,6 +141,7 @@ class ModelSpec:
             "thresholds": self.thresholds,
             "device": self.device,
             "compile": self.compile,
+            "runtime": self.runtime,
         }
 
     @classmethod
@@ -140,6 +151,7 @@ class ModelSpec:
             data.get("thresholds"),
             str(data.get("device", "auto")),
             bool(data.get("compile", False)),
+            str(data.get("runtime", "torch")),
         )
 
 
@@ -153,7 +165,7 @@ def cached_models(spec: ModelSpec) -> ModelSet:
     from conic_qp.predict import _compile, load_models
 
     device = resolve_device(spec.device)
-    key = (spec.paths, spec.thresholds, str(device), spec.compile)
+    key = (spec.paths, spec.thresholds, str(device), spec.compile, spec.runtime)
     with _MODEL_LOCK:
         models = _MODEL_CACHE.get(key)
         if models is None:
@@ -162,6 +174,11 @@ def cached_models(spec: ModelSpec) -> ModelSet:
                 models = dataclasses.replace(
                     models, networks=[_compile(n) for n in models.networks]
                 )
+            elif spec.runtime != "torch":
+                from conic_qp.runtime import apply_runtime
+
+                networks = apply_runtime(models.networks, spec.runtime)
+                models = dataclasses.replace(models, networks=networks)
             _MODEL_CACHE[key] = models
             log.info("loaded %d model(s) on %s", len(models.networks), device)
         return models
@@ -831,6 +848,7 @@ def predict_paths(
     compile_models: bool | None = None,
     runner: Runner | None = None,
     manifest: str | os.PathLike[str] | None = None,
+    model_spec: ModelSpec | None = None,
 ) -> BatchResult:
     """Run many slides; a failed slide is recorded and the batch goes on.
 
@@ -846,6 +864,8 @@ def predict_paths(
     runner : where slides run (default: in this process; a :class:`conic_qp.cluster.DaskRunner`
         runs them on a cluster whose workers load the checkpoints of ``models`` themselves).
     manifest : the cohort's Parquet manifest (default ``<out_dir>/manifest.parquet``).
+    model_spec : what a cluster's workers load (default: the checkpoints of ``models`` on
+        ``settings.device``; give one to choose compilation or a CPU runtime there).
     """
     from conic_qp.paths import unique_stems
     from conic_qp.predict import _compile, slide_stem
@@ -861,8 +881,7 @@ def predict_paths(
             models = dataclasses.replace(models, networks=[_compile(n) for n in models.networks])
         runner = InProcessRunner(models) if runner is None else runner
     else:
-        spec = ModelSpec.from_models(models, settings.device)
-        spec = dataclasses.replace(spec, compile=compile_nets)
+        spec = model_spec or ModelSpec.from_models(models, settings.device, compile=compile_nets)
     jobs = [
         SlideJob(ref, os.fspath(out_dir), stem, settings, spec, roi, mpp, resume=resume)
         for ref, stem in zip(refs, stems, strict=True)

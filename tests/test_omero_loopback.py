@@ -593,6 +593,7 @@ def test_omero_images_are_slide_references_of_a_cohort(
         batch = predict_paths(refs, stand_in_models(), settings(save_labels=False), out)
         assert batch.ok, batch.failures
         omero_result, file_result = batch.results
+        assert file_result.n_nuclei > 0 and file_result.ref.is_file
         assert omero_result.n_nuclei > 20 and store.tiles_read
         run = json.loads((out / f"{omero_result.key}.run.json").read_text())
         assert run["slide"]["path"] == uri and run["slide"]["name"] == "synth.svs [image 11]"

@@ -85,6 +85,12 @@ def test_model_spec_round_trip_and_cache(ckpt: Path, tmp_path: Path) -> None:
     first = cached_models(spec)
     assert cached_models(ModelSpec.from_json(spec.to_json())) is first  # loaded once
     assert first.fingerprint == models.fingerprint
+    # a worker told to run the networks with another CPU runtime gets them so
+    pytest.importorskip("onnxruntime")
+    onnx = ModelSpec.from_json({**spec.to_json(), "runtime": "onnx"})
+    assert onnx.runtime == "onnx" and cached_models(onnx) is not first
+    assert type(cached_models(onnx).networks[0]) is not type(first.networks[0])
+    assert cached_models(onnx).fingerprint == first.fingerprint
 
 
 def test_failures_are_results_and_the_manifest_follows_the_cohort(

@@ -550,7 +550,9 @@ def instances_to_table(
             f"scale must be a positive number of level-0 px per region px, got {scale}"
         )
     if not mpp_level0 > 0 or not np.isfinite(mpp_level0):
-        raise ConicQPError(f"mpp_level0 must be a positive um/px, got {mpp_level0}; pass --mpp")
+        raise ConicQPError(
+            f"mpp_level0 must be a positive um/px, got {mpp_level0}; give the slide's um/px"
+        )
     labels = np.asarray(inst.labels)
     if labels.ndim != 2:
         raise ConicQPError(f"instance labels must be a 2-D map, got shape {labels.shape}")

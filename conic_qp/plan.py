@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, NoTissueError, option
 from conic_qp.settings import PredictSettings
 from conic_qp.slides import SlideSource, scaled_size
 from conic_qp.tiling import BlockGrid, Tile, TileLayout
@@ -231,7 +231,7 @@ def plan_slide(
     roi_area = None
     if roi is not None:
         if roi.is_empty:
-            raise ConicQPError("the ROI is empty; give --roi x,y,w,h with positive size")
+            raise ConicQPError(f"the ROI is empty; give {option('roi')} x,y,w,h with positive size")
         roi_area = float(roi.area)
         if selected:
             boxes = np.array([_xyxy(layout.tile(i)) for i in selected], np.float64) * plan.scale
@@ -239,9 +239,9 @@ def plan_slide(
             selected = [i for i, hit in zip(selected, hits, strict=True) if hit]
     if not selected:
         where = "inside the ROI" if roi is not None else "on the thumbnail"
-        raise ConicQPError(
-            f"no tissue found in {source.name} {where}; check the slide, or pass --no-tissue "
-            "to run every tile"
+        raise NoTissueError(
+            f"no tissue found in {source.name} {where}; check the slide, or run every tile "
+            f"({option('tissue_detection=False', '--no-tissue')})"
         )
     log.info("%s: %d of %d tiles to run", source.name, len(selected), len(layout))
     return SlidePlan(

@@ -41,7 +41,7 @@ from torch import nn
 
 from conic_qp.classes import ClassScheme
 from conic_qp.engine import SlideEngine
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.model import resolve_device
 from conic_qp.plan import SlidePlan, plan_slide
 from conic_qp.postprocess import PostprocessParams
@@ -73,7 +73,6 @@ __all__ = [
     "roi_from_geojson",
     "slide_stem",
 ]
-
 
 
 @dataclass
@@ -129,7 +128,7 @@ class ModelSet:
 
     def __post_init__(self) -> None:
         if not self.networks:
-            raise ConicQPError("no model given; pass --model CHECKPOINT")
+            raise ConicQPError(f"no model given; pass {option('model')} CHECKPOINT")
         if self.params.n_classes != self.classes.n_classes:
             raise ConicQPError(
                 f"thresholds are for {self.params.n_classes} classes but the model has "
@@ -180,7 +179,9 @@ def load_models(
     from conic_qp.checkpoint import load_checkpoint
 
     if not paths:
-        raise ConicQPError("no model given; pass --model CHECKPOINT (a checkpoint folder)")
+        raise ConicQPError(
+            f"no model given; pass {option('model')} CHECKPOINT (a checkpoint folder)"
+        )
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     ckpts = [load_checkpoint(p, device=dev) for p in paths]
     first = ckpts[0]
@@ -201,9 +202,13 @@ def load_models(
         try:
             data = json.loads(tpath.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConicQPError(f"--thresholds {tpath} does not exist; check the path") from None
+            raise ConicQPError(
+                f"{option('thresholds')} {tpath} does not exist; check the path"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConicQPError(f"--thresholds {tpath} is not valid JSON ({exc})") from None
+            raise ConicQPError(
+                f"{option('thresholds')} {tpath} is not valid JSON ({exc})"
+            ) from None
         params = PostprocessParams.from_json(data)
         source = str(tpath)
     elif first.thresholds is not None:
@@ -281,10 +286,12 @@ def roi_from_boxes(boxes: Sequence[Sequence[float]]) -> shapely.Geometry:
     polys = []
     for b in boxes:
         if len(b) != 4:
-            raise ConicQPError(f"--roi {b} must be x,y,w,h in level-0 pixels")
+            raise ConicQPError(f"{option('roi')} {b} must be x,y,w,h in level-0 pixels")
         x, y, w, h = (float(v) for v in b)
         if not (w > 0 and h > 0) or not all(math.isfinite(v) for v in (x, y, w, h)):
-            raise ConicQPError(f"--roi {x},{y},{w},{h}: width and height must be positive")
+            raise ConicQPError(
+                f"{option('roi')} {x},{y},{w},{h}: width and height must be positive"
+            )
         polys.append(shapely.box(x, y, x + w, y + h))
     return shapely.union_all(polys)
 
@@ -296,7 +303,7 @@ def roi_from_geojson(path: str | os.PathLike[str]) -> shapely.Geometry:
     regions = read_regions(path)
     if not regions:
         raise ConicQPError(
-            f"--roi-geojson {path} holds no polygon annotations; export annotations (not "
+            f"{option('roi_geojson')} {path} holds no polygon annotations; export annotations (not "
             "detections) from QuPath"
         )
     return shapely.union_all([r.geometry for r in regions])
@@ -490,4 +497,6 @@ def _compile(net: nn.Module) -> nn.Module:
     try:
         return torch.compile(net)  # type: ignore[return-value]
     except Exception as exc:  # pragma: no cover - depends on the toolchain
-        raise ConicQPError(f"torch.compile failed ({exc}); run without --compile") from exc
+        raise ConicQPError(
+            f"torch.compile failed ({exc}); run without {option('compile')}"
+        ) from exc

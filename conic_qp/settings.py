@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, option
 from conic_qp.local_se import check_se_window
 from conic_qp.tiling import SIZE_MULTIPLE, Window, check_tiling
 from conic_qp.tta import TTAConfig
@@ -90,9 +90,9 @@ class PredictSettings:
             log.debug("halo %d px is deprecated: overlap %d px", self.halo, overlap)
             object.__setattr__(self, "overlap", overlap)
         if self.batch_size < 1:
-            raise ConicQPError(f"--batch-size must be at least 1 (got {self.batch_size})")
+            raise ConicQPError(f"{option('batch_size')} must be at least 1 (got {self.batch_size})")
         if self.workers < 0:
-            raise ConicQPError(f"--workers must be >= 0 (got {self.workers}); 0 = inline")
+            raise ConicQPError(f"{option('workers')} must be >= 0 (got {self.workers}); 0 = inline")
         if self.thumbnail_size < 16:
             raise ConicQPError(f"thumbnail size {self.thumbnail_size} is too small (>= 16 px)")
         check_tiling(self.tile_size, self.overlap, self.window)

@@ -522,7 +522,7 @@ def test_bad_options_are_one_line_errors() -> None:
     assert PredictSettings(tile_size=256, halo=40).overlap == 96  # the former halo, deprecated
     with pytest.raises(ConicQPError, match="thresholds are for 6 classes"):
         ModelSet([HematoxylinNet(*SYNTH_H)], DARK_PALE, 0.5, PostprocessParams.default(6))
-    with pytest.raises(ConicQPError, match="pass --model"):
+    with pytest.raises(ConicQPError, match="pass model"):
         load_models([])
     assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():

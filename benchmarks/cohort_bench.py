@@ -5,7 +5,7 @@ checkpoint (``tests/helpers_models.make_tiny_checkpoint``, so the network is che
 figures show the orchestration, not the model) run twice in one process:
 
 * **in process** (baseline): :func:`conic_qp.cohort.predict_paths`, slide after slide, torch
-  using all cores;
+  using all cores (and once more with one network thread, to show thread contention);
 * **Dask**: a :class:`distributed.LocalCluster` of ``--workers`` processes (one slide each at a
   time, torch threads = cores / workers), through :class:`conic_qp.cluster.DaskRunner`.
 
@@ -93,6 +93,14 @@ def main() -> None:
         assert base.ok and base.cohort is not None, base.failures
         run_in = sum(r.timings.get("total_s", 0.0) for r in base.cohort.results)
         counts_in = [r.n_nuclei for r in base.cohort.results]
+        # the same with one network thread: shows how much of a difference is thread contention
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        one = predict_paths(slides, models, settings, root / "inprocess1")
+        wall_one = time.perf_counter() - t0
+        assert one.ok and one.cohort is not None, one.failures
+        run_one = sum(r.timings.get("total_s", 0.0) for r in one.cohort.results)
+        torch.set_num_threads(cores)
 
         threads = max(1, cores // args.workers)
         t0 = time.perf_counter()
@@ -118,6 +126,10 @@ def main() -> None:
     print(
         f"{'in process':<24}{wall_in:>9.2f}{n / wall_in:>10.3f}{1.0:>8.2f}"
         f"{(wall_in - run_in) / n:>18.3f}"
+    )
+    print(
+        f"{'in process (1 thr)':<24}{wall_one:>9.2f}{n / wall_one:>10.3f}"
+        f"{wall_in / wall_one:>8.2f}{(wall_one - run_one) / n:>18.3f}"
     )
     label = f"local:{args.workers} ({threads} thr)"
     print(

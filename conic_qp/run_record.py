@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import shapely
 
+from conic_qp.runtime import runtime_used
+
 if TYPE_CHECKING:
     from conic_qp.plan import SlidePlan
     from conic_qp.predict import ModelSet
@@ -73,6 +75,7 @@ def build_run_record(
             "nuclei_touching_block_edges": int(n_cut),
         },
         "device": device,
+        "runtime": [runtime_used(net) for net in models.networks],
         "roi": shapely.to_wkt(plan.roi, rounding_precision=2) if plan.roi is not None else None,
         "roi_area_px": plan.roi_area_px,
         "tissue_area_px": plan.tissue_area_px,

@@ -140,6 +140,17 @@ def network_device(net: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def runtime_used(net: nn.Module) -> str:
+    """What ran ``net`` for ``run.json``: ``torch``, ``onnx`` or ``openvino``, naming the input
+    sizes an ``auto`` runtime handed back to PyTorch."""
+    if not isinstance(net, ExportedNetwork):
+        return "torch"
+    if not net._torch_shapes:
+        return net.runtime
+    sizes = ", ".join(f"{h}x{w}" for h, w, _ in sorted(net._torch_shapes))
+    return f"{net.runtime} (torch for {sizes} inputs)"
+
+
 def apply_runtime(networks: Sequence[nn.Module], runtime: str) -> list[nn.Module]:
     """The networks of an ensemble, each run by ``runtime`` (``auto``: see
     :func:`resolve_runtime`); networks on a GPU stay as they are (``auto`` or ``torch``).

@@ -19,6 +19,7 @@ from conic_qp.runtime import (
     available_runtimes,
     cpu_network,
     resolve_runtime,
+    runtime_used,
 )
 from conic_qp.tta import TTAConfig, predict_probabilities
 
@@ -187,6 +188,18 @@ def test_a_graph_that_disagrees_with_torch_is_refused(
     with pytest.raises(ConicQPError, match="differs from PyTorch"):
         wrapped._verify(wrong, H, W, False, bad)
     assert not bad.exists()
+
+
+def test_run_json_names_the_runtime_that_ran(net: ConicNet, cache: Path) -> None:
+    assert runtime_used(net) == "torch"
+    names = [n for n in ("onnx", "openvino") if n in available_runtimes()]
+    if not names:
+        pytest.skip("needs onnxruntime or openvino")
+    wrapped = cpu_network(net, names[0], fallback=True)
+    assert runtime_used(wrapped) == names[0]
+    assert isinstance(wrapped, ExportedNetwork)
+    wrapped._torch_shapes.add((H, W, False))  # what a failed export at this size leaves
+    assert runtime_used(wrapped) == f"{names[0]} (torch for {H}x{W} inputs)"
 
 
 def test_runtime_choice_and_errors(net: ConicNet) -> None:

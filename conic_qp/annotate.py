@@ -51,6 +51,7 @@ from conic_qp.outputs import (
     ANNOTATE_DIR,
     ANNOTATE_RUN_FILE,
     MANIFEST_FILE,
+    entry_stem,
     region_file,
     regions_path,
     used_regions_path,
@@ -74,7 +75,7 @@ from conic_qp.qupath.sinks import (
     install_import_script,
 )
 from conic_qp.regions import Region
-from conic_qp.sinks import write_json_atomic
+from conic_qp.sinks import remove_inside, write_json_atomic
 from conic_qp.sinks.detections import Detections, DetectionSink
 from conic_qp.sinks.geojson import (
     DETECTIONS_PER_FILE,
@@ -519,7 +520,7 @@ def _plan_image(
     job = SlideJob(
         image_ref(qp, image),
         str(qp.dir / OUTPUT_DIR),
-        image.entry_id,
+        entry_stem(image.entry_id),  # an id like '../x' never leaves conic-qp/
         settings,
         spec,
         roi,
@@ -556,10 +557,13 @@ def _deliver(
     try:
         if plan.found:
             outcome.outputs["regions"] = write_annotations(
-                plan.found, regions_file, palette=getattr(sink, "palette", None)
+                plan.found,
+                regions_file,
+                palette=getattr(sink, "palette", None),
+                root=plan.job.out_dir,
             )
-        elif regions_file.exists():
-            regions_file.unlink()  # regions of an earlier run no longer apply
+        else:  # regions of an earlier run no longer apply
+            remove_inside(plan.job.out_dir, regions_file)
         assert sink is not None
         delivery = sink.write(
             Detections(

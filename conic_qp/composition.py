@@ -39,6 +39,7 @@ from conic_qp.outputs import (
     ANNOTATE_DIR,
     ANNOTATE_RUN_FILE,
     TABLE_SUFFIX,
+    entry_stem,
     region_file,
     regions_path,
     used_regions_path,
@@ -375,7 +376,7 @@ def load_cohort(
         run = _read_json(out_dir / ANNOTATE_RUN_FILE)
         run_images = run.get("images") if isinstance(run.get("images"), dict) else {}
         for im in project.images:
-            table = out_dir / f"{im.entry_id}{TABLE_SUFFIX}"
+            table = out_dir / f"{entry_stem(im.entry_id)}{TABLE_SUFFIX}"
             if not table.is_file():
                 failures[im.name] = f"no conic-qp table {table}; run `conic-qp annotate` first"
                 continue

@@ -29,6 +29,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from conic_qp.paths import safe_name
+
 __all__ = [
     "ANNOTATE_DIR",
     "ANNOTATE_RUN_FILE",
@@ -44,6 +46,7 @@ __all__ = [
     "TABLE_SUFFIX",
     "annotate_dir",
     "detections_dir",
+    "entry_stem",
     "legacy_detections_file",
     "region_file",
     "regions_path",
@@ -80,6 +83,14 @@ def slide_outputs(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]
     }
 
 
+def entry_stem(entry_id: str | int) -> str:
+    """The file stem of a QuPath entry id: the id itself when it is a plain name (QuPath's own
+    ids are numbers), else :func:`conic_qp.paths.safe_name`'s mapping, so an id such as
+    ``../../x`` or ``/etc/x`` never leaves its folder. ``import_conic_qp.groovy`` refuses ids
+    that are not plain names."""
+    return safe_name(str(entry_id))
+
+
 def annotate_dir(project_dir: str | os.PathLike[str]) -> Path:
     """conic-qp's folder inside a QuPath project."""
     return Path(project_dir) / ANNOTATE_DIR
@@ -87,28 +98,36 @@ def annotate_dir(project_dir: str | os.PathLike[str]) -> Path:
 
 def used_regions_path(out_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
     """The regions an annotate run used for an image (beside its table)."""
-    return Path(out_dir) / f"{entry_id}.regions.geojson"
+    return Path(out_dir) / f"{entry_stem(entry_id)}.regions.geojson"
 
 
 def detections_dir(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
     """Folder of an image's detections for ``groovy/import_conic_qp.groovy``: ``manifest.json``
     and chunk files (:func:`conic_qp.sinks.geojson.write_detection_folder`)."""
-    return Path(project_dir) / DETECTIONS_DIR / str(entry_id)
+    return Path(project_dir) / DETECTIONS_DIR / entry_stem(entry_id)
 
 
 def legacy_detections_file(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
     """The single ``detections/<entryID>.geojson.gz`` of conic-qp before chunked detections."""
-    return Path(project_dir) / DETECTIONS_DIR / f"{entry_id}.geojson.gz"
+    return Path(project_dir) / DETECTIONS_DIR / f"{entry_stem(entry_id)}.geojson.gz"
 
 
 def regions_path(project_dir: str | os.PathLike[str], entry_id: str | int) -> Path:
     """Where ``groovy/export_annotations_geojson.groovy`` puts an image's annotations."""
-    return Path(project_dir) / REGIONS_DIR / f"{entry_id}.geojson"
+    return Path(project_dir) / REGIONS_DIR / f"{entry_stem(entry_id)}.geojson"
+
+
+def _lookup_name(name: str) -> str:
+    """``name`` when it is one plain path component (e.g. a stem read from disk), else its
+    :func:`conic_qp.paths.safe_name`: a lookup never leaves its folder."""
+    plain = name not in ("", ".", "..") and not any(c in name for c in "/\\\x00")
+    return name if plain else safe_name(name)
 
 
 def region_file(directory: str | os.PathLike[str], keys: Sequence[str]) -> Path | None:
     """The region GeoJSON of ``directory`` named by one of ``keys`` (entry id, image name,
-    stem; a key's own extension is also tried without it), or None."""
+    stem; a key's own extension is also tried without it), or None. Keys are names from the
+    project or a slide, so each is looked up under its :func:`conic_qp.paths.safe_name`."""
     folder = Path(directory)
     for key in keys:
         if not key:
@@ -117,7 +136,7 @@ def region_file(directory: str | os.PathLike[str], keys: Sequence[str]) -> Path 
         stem = Path(key).stem
         if stem and stem != key:
             stems.append(stem)
-        for s in stems:
+        for s in dict.fromkeys(_lookup_name(s) for s in stems):
             for ext in REGION_SUFFIXES:
                 p = folder / f"{s}{ext}"
                 if p.is_file():

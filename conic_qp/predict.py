@@ -373,6 +373,10 @@ def predict_slide(
     stem = stem or slide_stem(source.name)
     image_id = image_id or source.name
     paths = output_paths(out_dir, stem)
+    from conic_qp.paths import ensure_inside
+
+    for p in paths.values():  # a stem from input data must not reach outside out_dir
+        ensure_inside(out_dir, p)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     report = on_progress or (lambda p: None)
     report(Progress(source.name, "tissue"))

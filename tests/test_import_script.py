@@ -193,3 +193,21 @@ def test_an_unreadable_file_removes_nothing(setup) -> None:  # type: ignore[no-u
     res = run_import(project)
     assert res.returncode != 0
     assert (project.parent / "data" / "1" / "fake-hierarchy.json").read_text() == before
+
+
+def test_a_hostile_entry_id_is_refused_not_resolved(setup) -> None:  # type: ignore[no-untyped-def]
+    """An entry id that is not a plain name (``../../x``) never becomes a path in the script:
+    the image is left unchanged with a line saying why (conic-qp maps such ids itself)."""
+    project, _, _ = setup
+    data = json.loads(project.read_text())
+    data["images"][0]["entryID"] = "../../x"
+    project.write_text(json.dumps(data))
+    outside = project.parent.parent / "x"
+    # what the script would read if it resolved the id: a real detection folder
+    shutil.copytree(detections_dir(project.parent, "1"), outside)
+    res = run_import(project)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "entry id '../../x' is not a plain name" in res.stdout
+    assert "added" not in res.stdout.split("is not a plain name")[0]
+    assert not (outside / "fake-hierarchy.json").exists()
+    assert not (project.parent / "data" / "1" / "fake-hierarchy.json").exists()

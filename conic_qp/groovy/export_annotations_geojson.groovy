@@ -24,6 +24,13 @@ if (entry == null) {
     println 'conic-qp: no project entry (run this script with a project: QuPath script -p project.qpproj ...)'
     return
 }
+// The entry id becomes a file name: only plain names (QuPath's ids are numbers), which
+// conic_qp.outputs.entry_stem keeps as they are; any other id is refused, never resolved.
+def entryId = entry.getID().toString()
+if (!(entryId ==~ /[0-9A-Za-z_-]{1,100}/) || entryId ==~ /(?i)(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])/) {
+    println "conic-qp: '${entry.getImageName()}': entry id '${entryId}' is not a plain name (QuPath's ids are numbers); nothing exported"
+    return
+}
 def annotations = getAnnotationObjects()
 if (annotations.isEmpty()) {
     println "conic-qp: '${entry.getImageName()}' has no annotations; nothing exported"
@@ -31,8 +38,8 @@ if (annotations.isEmpty()) {
 }
 def outDir = getProject().getPath().getParent().resolve(REGIONS_DIR)
 Files.createDirectories(outDir)
-def target = outDir.resolve(entry.getID() + SUFFIX)
-def tmp = outDir.resolve(entry.getID() + SUFFIX + '.tmp')
+def target = outDir.resolve(entryId + SUFFIX)
+def tmp = outDir.resolve(entryId + SUFFIX + '.tmp')
 exportObjectsToGeoJson(annotations, tmp.toString(), 'FEATURE_COLLECTION')
 Files.move(tmp, target, StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE)
 println "conic-qp: '${entry.getImageName()}': exported ${annotations.size()} annotations to ${target}"

@@ -48,10 +48,17 @@ if (entry == null) {
     return
 }
 def name = entry.getImageName()
-def folder = getProject().getPath().getParent().resolve(DETECTIONS_DIR).resolve(entry.getID())
+// The entry id becomes a folder name: only plain names (QuPath's ids are numbers), which
+// conic_qp.outputs.entry_stem keeps as they are; any other id is refused, never resolved.
+def entryId = entry.getID().toString()
+if (!(entryId ==~ /[0-9A-Za-z_-]{1,100}/) || entryId ==~ /(?i)(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])/) {
+    println "conic-qp: '${name}': entry id '${entryId}' is not a plain name (QuPath's ids are numbers); image left unchanged: re-add the image in QuPath"
+    return
+}
+def folder = getProject().getPath().getParent().resolve(DETECTIONS_DIR).resolve(entryId)
 def manifestFile = folder.resolve(MANIFEST)
 if (!Files.isRegularFile(manifestFile)) {
-    println "conic-qp: '${name}': no ${DETECTIONS_DIR}/${entry.getID()}/${MANIFEST}; image left unchanged"
+    println "conic-qp: '${name}': no ${DETECTIONS_DIR}/${entryId}/${MANIFEST}; image left unchanged"
     return
 }
 def manifest
@@ -103,7 +110,7 @@ if (regionsFile != null && hierarchy.getAnnotationObjects().isEmpty()
         && imageData.getProperty(REGIONS_PROPERTY) == null) {
     def regions = readObjects(folder.resolve(regionsFile))
     insertAll(hierarchy, regions)
-    imageData.setProperty(REGIONS_PROPERTY, "added by conic-qp from ${DETECTIONS_DIR}/${entry.getID()}/${regionsFile}".toString())
+    imageData.setProperty(REGIONS_PROPERTY, "added by conic-qp from ${DETECTIONS_DIR}/${entryId}/${regionsFile}".toString())
     println "conic-qp: '${name}': added ${regions.size()} annotations (the regions conic-qp ran in)"
 }
 

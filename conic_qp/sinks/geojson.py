@@ -509,13 +509,15 @@ def write_annotations(
     path: str | os.PathLike[str],
     *,
     palette: Mapping[str, Sequence[int]] | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write regions as QuPath annotations (a FeatureCollection QuPath 0.4-0.7 reads whole).
 
     Every feature gets a UUID ``id`` (kept when the region has one), ``objectType``
     ``"annotation"``, its ``name`` and, when classified, ``classification`` WITH a colour
     (:func:`region_color`): QuPath rejects the whole file for one classification without.
-    Coordinates are level-0 px with 2 decimals. Written atomically.
+    Coordinates are level-0 px with 2 decimals. Written atomically (inside ``root`` if given,
+    :func:`conic_qp.sinks.atomic_path`).
     """
     features = []
     for r in with_uuid_ids(regions, str(path)):
@@ -531,7 +533,7 @@ def write_annotations(
             f'{{"type":"Feature","id":"{r.id}","geometry":{geom},'
             f'"properties":{json.dumps(props, ensure_ascii=False, separators=(",", ":"))}}}'
         )
-    with atomic_open(path, "w", encoding="utf-8") as fh:
+    with atomic_open(path, "w", root=root, encoding="utf-8") as fh:
         fh.write('{"type":"FeatureCollection","features":[\n')
         fh.write(",\n".join(features))
         fh.write("\n]}\n")

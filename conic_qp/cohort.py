@@ -71,6 +71,7 @@ __all__ = [
     "is_done",
     "jobs_for",
     "predict_paths",
+    "recorded_stems",
     "run_cohort",
     "run_slide_job",
     "settings_from_json",
@@ -816,6 +817,43 @@ def jobs_for(
 # ------------------------------------------------------------------------------ predict
 
 
+def _distinct_refs(refs: Sequence[SlideRef]) -> list[SlideRef]:
+    """``refs`` without repeats of the same slide (the same file by another spelling or link):
+    it would run twice into the same outputs."""
+    from conic_qp.paths import file_identity
+
+    seen: set[str] = set()
+    out: list[SlideRef] = []
+    for ref in refs:
+        ident = file_identity(ref.location) if ref.is_file else ref.uri
+        if ident in seen:
+            log.warning("%s is given more than once; it runs once", ref.label)
+            continue
+        seen.add(ident)
+        out.append(ref)
+    return out
+
+
+def recorded_stems(out_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Stem -> slide of the run records already in ``out_dir`` (``<stem>.run.json``), so a new
+    batch never gives another slide's stem to an input (:func:`conic_qp.paths.unique_stems`)."""
+    from conic_qp.outputs import RUN_SUFFIX
+
+    taken: dict[str, str] = {}
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return taken
+    for rec in folder.glob(f"*{RUN_SUFFIX}"):
+        try:
+            data = json.loads(rec.read_text(encoding="utf-8"))
+            slide = data["slide"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a run record conic-qp can read: it names no input
+        if isinstance(slide, str) and slide:
+            taken[rec.name[: -len(RUN_SUFFIX)]] = slide
+    return taken
+
+
 #: The cohort manifest written beside a batch's outputs (one row per slide).
 MANIFEST_FILE = "manifest.parquet"
 
@@ -870,10 +908,12 @@ def predict_paths(
     from conic_qp.paths import unique_stems
     from conic_qp.predict import _compile, slide_stem
 
-    refs = [p if isinstance(p, SlideRef) else SlideRef.file(p) for p in paths]
+    refs = _distinct_refs([p if isinstance(p, SlideRef) else SlideRef.file(p) for p in paths])
     keys = [r.location if r.is_file else r.uri for r in refs]
     names = {Path(k): r.name for k, r in zip(keys, refs, strict=True)}
-    stems = unique_stems(keys, stem=lambda p: slide_stem(names.get(p, p.name)))
+    stems = unique_stems(
+        keys, stem=lambda p: slide_stem(names.get(p, p.name)), taken=recorded_stems(out_dir)
+    )
     compile_nets = compile_models if compile_models is not None else settings.compile
     spec: ModelSpec | None = None
     if runner is None or isinstance(runner, InProcessRunner):

@@ -40,6 +40,7 @@ __all__ = [
     "TempName",
     "check_writable",
     "ensure_inside",
+    "file_identity",
     "file_stem",
     "host_tag",
     "parse_temp_name",
@@ -125,9 +126,13 @@ def file_stem(path: str | os.PathLike[str]) -> str:
     return Path(name).stem if Path(name).suffix else name
 
 
-def _identity(path: str | os.PathLike[str]) -> str:
-    """One spelling per file: symbolic links resolved, case folded where the OS folds it."""
+def file_identity(path: str | os.PathLike[str]) -> str:
+    """One spelling per file: symbolic links resolved, case folded where the OS folds it (two
+    inputs with the same identity are the same file)."""
     return os.path.normcase(os.path.realpath(os.fspath(path)))
+
+
+_identity = file_identity
 
 
 def unique_stems(
@@ -143,10 +148,12 @@ def unique_stems(
     resolved path, independent of the order of the inputs. ``taken`` maps stems already used in
     the output folder to the input they belong to (e.g. from earlier runs' records); an input
     whose stem is taken by another file is disambiguated the same way, so a run never replaces
-    another input's results. The same file given twice gets the same stem both times (callers
-    should drop the duplicate).
+    another input's results, and an input recorded there already keeps its recorded stem (so
+    ``--resume`` finds it whatever else the batch holds). The same file given twice gets the
+    same stem both times (callers should drop the duplicate, :func:`file_identity`).
     """
     ids = [_identity(p) for p in inputs]
+    recorded = {_identity(v): k for k, v in (taken or {}).items()}
     base = [safe_name(stem(Path(p))) for p in inputs]
     owners: dict[str, set[str]] = {}
     for b, ident in zip(base, ids, strict=True):
@@ -154,6 +161,9 @@ def unique_stems(
     earlier = {k.casefold(): _identity(v) for k, v in (taken or {}).items()}
     out = []
     for b, ident in zip(base, ids, strict=True):
+        if ident in recorded:
+            out.append(recorded[ident])
+            continue
         key = b.casefold()
         clash = len(owners[key]) > 1 or earlier.get(key, ident) != ident
         out.append(f"{b}~{_digest(ident)}" if clash else b)

@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from conic_qp.annotate import annotate_project
+from conic_qp.cohort import predict_paths
 from conic_qp.composition import load_cohort
 from conic_qp.outputs import entry_stem
-from tests.helpers_models import stand_in_models
+from conic_qp.synthetic import synthetic_slide_image
+from tests.helpers_models import settings, stand_in_models
+from tests.helpers_slides import write_pyramidal_tiff
 from tests.test_annotate import fast, make_project
 
 torch.set_num_threads(1)
@@ -81,3 +84,47 @@ def test_other_entry_ids_are_mapped(entry_id: str) -> None:
         assert refused and entry_stem(entry_id) == entry_id  # kept, but the script refuses it
     else:
         assert refused and entry_stem(entry_id) != entry_id
+
+
+# ------------------------------------------------------------------ class 2: silent overwrite
+
+
+def _slide(path: Path, seed: int) -> Path:
+    img = synthetic_slide_image(192, 224, seed=seed, tissue_fraction=0.7).image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_pyramidal_tiff(path, img, mpp=0.5, levels=1)
+
+
+def _slides_of(out: Path) -> dict[str, str]:
+    """Output stem -> the slide its table says it came from."""
+    return {
+        t.name[: -len(".nuclei.parquet")]: json.loads(
+            t.with_name(t.name.replace(".nuclei.parquet", ".run.json")).read_text()
+        )["slide"]["path"]
+        for t in out.glob("*.nuclei.parquet")
+    }
+
+
+def test_same_names_never_replace_each_others_results(tmp_path: Path) -> None:
+    a = _slide(tmp_path / "a" / "same.tif", 1)
+    b = _slide(tmp_path / "b" / "same.tif", 2)
+    c = _slide(tmp_path / "c" / "same.tif", 3)
+    out = tmp_path / "out"
+    models, st = stand_in_models(), settings(save_labels=False)
+    # the same file twice (another spelling) runs once
+    batch = predict_paths([a, tmp_path / "b" / ".." / "a" / "same.tif"], models, st, out)
+    assert batch.ok and len(batch.cohort.results) == 1  # type: ignore[union-attr]
+    assert _slides_of(out) == {"same": str(a.resolve())}
+    before = (out / "same.nuclei.parquet").read_bytes()
+    # a later batch with another same.tif gets its own stem; a's results are left alone
+    predict_paths([b], models, st, out)
+    second = _slides_of(out)
+    assert len(second) == 2 and second["same"] == str(a.resolve())
+    assert (out / "same.nuclei.parquet").read_bytes() == before
+    # names clashing within a batch and with the folder: every input keeps its own outputs
+    predict_paths([c, a], models, st, out)
+    third = _slides_of(out)
+    assert len(third) == 3 and {k: third[k] for k in second} == second
+    # an input recorded earlier keeps its stem, so --resume finds it
+    res = predict_paths([b, a], models, st, out, resume=True)
+    assert [r.status for r in res.cohort.results] == ["skipped", "skipped"]  # type: ignore[union-attr]

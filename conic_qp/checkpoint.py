@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
 from conic_qp.model import ConicNet, ModelConfig
+from conic_qp.paths import temp_path
 from conic_qp.sinks import replace_dir
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def save_checkpoint(
     tensors = _state_for_storage(model, half)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(target)  # a name clean_stale_temps knows (pid, host)
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -38,6 +38,7 @@ from conic_qp.errors import OutputError, UnsafePathError
 __all__ = [
     "MAX_NAME_BYTES",
     "TempName",
+    "check_output_dir",
     "check_writable",
     "ensure_inside",
     "file_identity",
@@ -257,6 +258,22 @@ def check_writable(path: str | os.PathLike[str], *, what: str = "") -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise OutputError.from_os_error(exc, folder, what=what) from None
+    return p
+
+
+def check_output_dir(path: str | os.PathLike[str], *, what: str = "output folder") -> Path:
+    """:func:`check_writable` for a folder that a run creates if needed: the folder itself when
+    it exists, else the nearest existing folder above it (where it will be created), so a
+    read-only place is refused before the first write, for root as for anyone."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(
+            f"cannot use {p} as the {what}: it is a file, not a folder; choose another path", p
+        )
+    q = p.absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    check_writable(q, what=what)
     return p
 
 

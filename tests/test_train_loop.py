@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +11,8 @@ import pytest
 import torch
 
 from conic_qp.checkpoint import load_checkpoint
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, OutputError
+from conic_qp.paths import host_tag
 from conic_qp.synthetic import synthetic_dataset
 from conic_qp.train.config import TrainConfig, load_config
 from conic_qp.train.data import save_conic_patches
@@ -90,10 +94,39 @@ def test_short_run_trains_validates_and_resumes(conic_folder: Path, tmp_path: Pa
     # A second run into the same folder is refused unless resumed.
     with pytest.raises(ConicQPError, match="--resume"):
         train(cfg)
+    # a killed run's temporary state file is removed when the run is resumed
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".train_state.pt.cqp-{dead.pid}-{host_tag()}-0000abcd.tmp"
+    stale.write_bytes(b"half a state")
     resumed = train(_config(conic_folder, out, **{"optim.steps": "6"}), resume=True)
-    assert resumed.steps == 6
+    assert resumed.steps == 6 and not stale.exists()
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows if r["loss"]][-2:] == [5, 6]
+    # a state file that would run code when unpickled is refused, and the code never runs
+    marker = tmp_path / "pwned"
+    state = out / "train_state.pt"
+    torch.save({"x": _RunsCode(str(marker))}, state)
+    with pytest.raises(ConicQPError, match="not a training state conic-qp wrote"):
+        train(_config(conic_folder, out, **{"optim.steps": "7"}), resume=True)
+    assert not marker.exists()
+    # a read-only run folder is refused before anything is read or written, root included
+    os.chmod(out, 0o555)
+    try:
+        with pytest.raises(OutputError, match="read-only"):
+            train(_config(conic_folder, out, **{"optim.steps": "7"}), resume=True)
+    finally:
+        os.chmod(out, 0o755)
+
+
+class _RunsCode:
+    """Pickles to a call of ``open(path, 'w')``: what a crafted state file would do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
 
 
 def test_loss_falls_on_a_fixed_batch(conic_folder: Path, tmp_path: Path) -> None:

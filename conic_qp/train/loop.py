@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -34,9 +35,12 @@ from torch.utils.data import DataLoader, Dataset
 from conic_qp.checkpoint import load_checkpoint, save_checkpoint
 from conic_qp.classes import CONIC, CONSEP, ClassScheme
 from conic_qp.errors import ConicQPError
+from conic_qp.locks import clean_stale_temps
 from conic_qp.metrics import EvaluationResult, evaluate
 from conic_qp.model import ConicNet, ModelConfig, resolve_device
+from conic_qp.paths import check_output_dir, temp_path
 from conic_qp.postprocess import PostprocessParams
+from conic_qp.sinks import atomic_open
 from conic_qp.targets import make_targets
 from conic_qp.train.augment import Augmenter
 from conic_qp.train.config import DataSection, DataSource, TrainConfig
@@ -56,6 +60,7 @@ from conic_qp.train.data import (
 from conic_qp.train.losses import ConicLoss
 from conic_qp.train.predictions import iter_probabilities, labelled_truth, predicted_labels
 from conic_qp.train.sampling import EpochSampler, class_pixel_fractions, importance_weights
+from conic_qp.workers import watch_parent
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +221,27 @@ class TileDataset(Dataset[dict[str, torch.Tensor]]):
         }
 
 
+def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """The optimiser state of ``--resume``, read with ``weights_only`` (tensors and plain values;
+    never code): a state file that holds anything else was not written by conic-qp."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise ConicQPError(
+            f"cannot resume from {path}: it is not a training state conic-qp wrote (or it is "
+            f"damaged: {str(exc).splitlines()[0][:200]}); delete it to start that run afresh, "
+            "or choose another output folder"
+        ) from None
+    if not isinstance(state, dict):
+        raise ConicQPError(
+            f"cannot resume from {path}: it holds a {type(state).__name__}, not a training "
+            "state; delete it or choose another output folder"
+        )
+    return state
+
+
 def _worker_init(worker_id: int) -> None:
+    watch_parent()  # the worker ends with the training process (also after SIGKILL)
     info = torch.utils.data.get_worker_info()
     if (
         info is not None
@@ -315,11 +340,14 @@ def train(
         raise ConicQPError(
             f"{out} already holds a training run; pass --resume to continue it or choose another --out"
         )
+    check_output_dir(out, what="training output folder")  # before reading data or writing
     data = data or prepare_data(config)
     device = resolve_device(config.device)
     _seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.to_yaml())
+    clean_stale_temps(out)  # what a killed run left (its pid is gone)
+    with atomic_open(out / "config.yaml", "w", encoding="utf-8") as fh:
+        fh.write(config.to_yaml())
 
     scheme = data.scheme
     mcfg = ModelConfig(
@@ -352,7 +380,7 @@ def train(
     if resuming:
         ckpt = load_checkpoint(out / "last", device=str(device))
         model.load_state_dict(ckpt.model.state_dict())
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = _load_state(state_path, device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -386,7 +414,7 @@ def train(
         batch_size=config.optim.batch_size,
         sampler=sampler,
         num_workers=config.workers,
-        worker_init_fn=_worker_init if config.workers else None,
+        worker_init_fn=_worker_init if config.workers else None,  # also watches the parent
         drop_last=len(train_set) >= config.optim.batch_size,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -414,7 +442,7 @@ def train(
 
     def save_state() -> None:
         save("last", {"steps": step, "best_val_mpq_plus": best_mpq})
-        tmp = state_path.with_suffix(".tmp")
+        tmp = temp_path(state_path)
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),

@@ -247,6 +247,7 @@ class _Options:
     regions: RegionMode
     regions_geojson: str | os.PathLike[str] | None
     mpp: float | None
+    force_mpp: bool
     per_file: int
     palette: Mapping[str, tuple[int, int, int]]
 
@@ -265,6 +266,7 @@ def annotate_project(
     remap: Mapping[str, str] | Iterable[str] | None = None,
     backend: Backend = "auto",
     mpp: float | None = None,
+    force_mpp: bool = False,
     fix_uris: bool = True,
     detections_per_file: int = DETECTIONS_PER_FILE,
     on_progress: ProgressCallback | None = None,
@@ -285,7 +287,8 @@ def annotate_project(
     regions_geojson : folder of GeoJSON annotation files named by entry id or image name.
     remap : ``OLD_PREFIX=NEW_PREFIX`` image path remapping for moved projects.
     backend : ``"auto"``, ``"paquo"`` or ``"geojson"`` (see :func:`choose_backend`).
-    mpp : level-0 um/px forced for every image.
+    mpp : level-0 um/px forced for every image (refused outside 0.1-2 um/px unless
+        ``force_mpp``).
     fix_uris : rewrite the URIs of images found elsewhere than their URI in ``project.qpproj``
         (backup first) so that QuPath opens them; ``False`` leaves the project file as it is.
     detections_per_file : most detections per GeoJSON file of the geojson backend.
@@ -297,9 +300,15 @@ def annotate_project(
     Raises
     ------
     ConicQPError
-        Malformed, locked or read-only project, unknown ``images``, malformed ``classes.json``,
-        paquo requested but unavailable. Nothing is written in these cases.
+        Bad options (``mpp``...), malformed, locked or read-only project, unknown ``images``,
+        none of the selected images found, malformed ``classes.json``, paquo requested but
+        unavailable. Nothing is written in these cases; the project's own files (classes,
+        import script) change only once an image's detections are ready to be written.
     """
+    from conic_qp.slides import check_mpp
+
+    if mpp is not None:
+        check_mpp(mpp, force=force_mpp)
     if regions not in ("annotations", "tissue"):
         raise ConicQPError(
             f"{option('regions')} must be 'annotations' or 'tissue', not {regions!r}"
@@ -317,10 +326,20 @@ def annotate_project(
     selected = qp.select(wanted)
     if not selected:
         raise ConicQPError(f"project {qp.path} has no images; add images in QuPath first")
+    if not any(im.ok for im in selected):
+        first = selected[0]
+        raise ConicQPError(
+            f"none of the {len(selected)} selected image(s) of {qp.path} was found (first: "
+            f"{first.entry_id} ({first.name}): {first.problem_template or first.problem}); "
+            f"nothing was written: fix the image paths ({option('remap')}) or relink the images "
+            "in QuPath"
+        )
     chosen = choose_backend(backend)
     # validate classes.json before anything is written (it raises on a malformed file)
     read_path_classes(qupath_classes_path(qp.dir))
-    opts = _Options(chosen, regions, regions_geojson, mpp, detections_per_file, _palette(qp.dir))
+    opts = _Options(
+        chosen, regions, regions_geojson, mpp, force_mpp, detections_per_file, _palette(qp.dir)
+    )
 
     with project_lock(qp.path):
         fixes: list[UriFix] = []
@@ -415,9 +434,16 @@ def _annotate_locked(
             touched.append(key)
 
     complete = False
+    opened = False
+
+    def open_sink() -> None:  # the project's classes and script change with the first image
+        nonlocal added, opened
+        if not opened and sink is not None:
+            added = sink.open(models.classes)
+            opened = True
+
     try:
         sink = _make_sink(qp, opts)
-        added = sink.open(models.classes)
         spec = None
         if runner is not None and not isinstance(runner, InProcessRunner):
             spec = model_spec or ModelSpec.from_models(models, settings.device)
@@ -443,6 +469,8 @@ def _annotate_locked(
             if res.key in running:
                 running.remove(res.key)
             touch(res.key)
+            if res.status == "done":
+                open_sink()
             replaced = _deliver(plan, res, sink, models, settings)
             plan.outcome.seconds = round(res.seconds, 3)
             return replaced
@@ -463,7 +491,7 @@ def _annotate_locked(
         raise
     finally:
         if sink is not None:
-            sink.close(complete)
+            sink.close(complete and opened)  # a sink never opened has nothing to save
         with contextlib.suppress(OSError):  # the record must not hide the original error
             record(complete)
     script = getattr(sink, "script", None)
@@ -527,6 +555,7 @@ def _plan_image(
         opts.mpp,
         image_id=f"qupath:{image.entry_id}:{image.name}",
         key=image.entry_id,
+        force_mpp=opts.force_mpp,
     )
     return _Planned(image, outcome, known, found, from_file, job)
 

@@ -391,6 +391,7 @@ def tune_cmd(
 @click.option("--no-mc-dropout", is_flag=True, help="Switch off dropout at inference.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--mpp", type=float, default=None, help="Level-0 um/px when the files lack it.")
+@click.option("--force-mpp", is_flag=True, help="Accept an --mpp outside 0.1-2 um/px.")
 @click.option("--thresholds", default=None, help="thresholds.json overriding the checkpoint's.")
 @click.option("--tile-size", type=int, default=1024, show_default=True,
               help="Network tile edge (px); tiles overlap as in `predict`.")  # fmt: skip
@@ -428,6 +429,7 @@ def annotate_cmd(
     no_mc_dropout: bool,
     seed: int,
     mpp: float | None,
+    force_mpp: bool,
     thresholds: str | None,
     tile_size: int,
     no_fix_uris: bool,
@@ -446,8 +448,11 @@ def annotate_cmd(
 
     from conic_qp.predict import PredictSettings, load_models
     from conic_qp.qupath.project import read_project
+    from conic_qp.slides import check_mpp
     from conic_qp.tta import TTAConfig
 
+    if mpp is not None:
+        check_mpp(mpp, force=force_mpp)  # bad options: exit 2 before the project is read
     if list_only:
         qp = read_project(project, remap=remap)
         listing = Table(title=str(qp.path))
@@ -496,6 +501,7 @@ def annotate_cmd(
             remap=remap,
             backend=backend,
             mpp=mpp,
+            force_mpp=force_mpp,
             fix_uris=not no_fix_uris,
             detections_per_file=detections_per_file,
         )
@@ -627,6 +633,12 @@ def composition_cmd(
     if tidy.empty:
         raise ConicQPError(f"no slide of {source} could be composed; first problem: "
                            f"{next(iter(failures.values()), 'no tables')}")  # fmt: skip
+    if report:
+        from pathlib import Path
+
+        from conic_qp.paths import check_output_dir
+
+        check_output_dir(Path(report).absolute().parent, what="report folder")
     paths = write_composition(tidy, summary, output)
     for kind, path in paths.items():
         console.print(f"{kind}: {path}", highlight=False)
@@ -655,6 +667,7 @@ def composition_cmd(
               help="thresholds.json overriding the checkpoint's.")  # fmt: skip
 @click.option("--mpp", type=float, default=None,
               help="Level-0 um/px of the slides, when their metadata lacks it or is wrong.")  # fmt: skip
+@click.option("--force-mpp", is_flag=True, help="Accept an --mpp outside 0.1-2 um/px.")
 @click.option("--roi", "rois", multiple=True, metavar="X,Y,W,H",
               help="Only this level-0 rectangle (repeatable).")  # fmt: skip
 @click.option("--roi-geojson", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -706,6 +719,7 @@ def predict_cmd(
     model_paths: tuple[str, ...],
     thresholds: str | None,
     mpp: float | None,
+    force_mpp: bool,
     rois: tuple[str, ...],
     roi_geojson: str | None,
     tta_passes: int,
@@ -751,9 +765,12 @@ def predict_cmd(
         roi_from_boxes,
         roi_from_geojson,
     )
+    from conic_qp.slides import check_mpp
     from conic_qp.sources import expand_refs
     from conic_qp.tta import TTAConfig
 
+    if mpp is not None:
+        check_mpp(mpp, force=force_mpp)  # bad options: exit 2 before anything is read or written
     refs, missing = expand_refs(inputs)
     if not refs:
         first = next(iter(missing.values()), "no input given")
@@ -803,8 +820,9 @@ def predict_cmd(
     if spec is None:
         with _PredictProgress(len(refs), disabled=quiet) as progress:
             batch = predict_paths(
-                refs, models, settings, out_dir, progress.update, roi, mpp=mpp, resume=resume
-            )
+                refs, models, settings, out_dir, progress.update, roi, mpp=mpp,
+                force_mpp=force_mpp, resume=resume,
+            )  # fmt: skip
     else:
         from conic_qp.cluster import DaskRunner, open_cluster
 
@@ -813,7 +831,8 @@ def predict_cmd(
             with _CohortProgress(len(refs), disabled=quiet) as progress:
                 batch = predict_paths(
                     refs, models, settings, out_dir, progress.update, roi, mpp=mpp,
-                    resume=resume, runner=DaskRunner(client, retries=spec.retries),
+                    force_mpp=force_mpp, resume=resume,
+                    runner=DaskRunner(client, retries=spec.retries),
                     model_spec=_worker_models(models, device, runtime, compile_models),
                 )  # fmt: skip
     results = batch.cohort.results if batch.cohort is not None else []

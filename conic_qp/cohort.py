@@ -237,6 +237,7 @@ class SlideJob:
     model : checkpoints to load (None: the runner's own model set; in-process only).
     roi : level-0 geometry the nuclei must lie in (None: the whole tissue).
     mpp : level-0 um/px overriding the slide's metadata.
+    force_mpp : accept an ``mpp`` outside the plausible range (:func:`conic_qp.slides.check_mpp`).
     image_id : seeds the stable nucleus ids (default: the slide's name).
     resume : skip the slide when its run.json is complete for the same models.
     key : the slide's row in the manifest (default: ``stem``), unique in a cohort.
@@ -252,6 +253,7 @@ class SlideJob:
     image_id: str | None = None
     resume: bool = False
     key: str = ""
+    force_mpp: bool = False
 
     def __post_init__(self) -> None:
         if not self.stem:
@@ -284,6 +286,7 @@ class SlideJob:
             "image_id": self.image_id,
             "resume": self.resume,
             "key": self.key,
+            "force_mpp": self.force_mpp,
         }
 
     @classmethod
@@ -301,6 +304,7 @@ class SlideJob:
             image_id=data.get("image_id"),
             resume=bool(data.get("resume", False)),
             key=str(data.get("key") or data["stem"]),
+            force_mpp=bool(data.get("force_mpp", False)),
         )
 
 
@@ -453,7 +457,8 @@ def run_slide_job(
         pool = executor
         if pool is None and job.settings.workers > 0:
             pool = own_pool = _post_executor(job.settings.workers)
-        with open_ref(job.ref, mpp=job.mpp) as source:
+        forced = {"force_mpp": True} if job.force_mpp else {}
+        with open_ref(job.ref, mpp=job.mpp, **forced) as source:
             out = predict_slide(
                 source,
                 models,
@@ -882,6 +887,7 @@ def predict_paths(
     roi: shapely.Geometry | None = None,
     *,
     mpp: float | None = None,
+    force_mpp: bool = False,
     resume: bool = False,
     compile_models: bool | None = None,
     runner: Runner | None = None,
@@ -896,7 +902,8 @@ def predict_paths(
     ----------
     paths : slide files or references (:func:`conic_qp.sources.expand_refs` makes them from
         folders, globs, lists, QuPath projects and OMERO links).
-    mpp : level-0 um/px forced for every slide.
+    mpp : level-0 um/px forced for every slide (refused outside 0.1-2 um/px unless
+        ``force_mpp``, before anything is written).
     resume : skip slides whose run.json is complete for the same models and thresholds.
     compile_models : ``torch.compile`` the networks (default ``settings.compile``).
     runner : where slides run (default: in this process; a :class:`conic_qp.cluster.DaskRunner`
@@ -905,9 +912,13 @@ def predict_paths(
     model_spec : what a cluster's workers load (default: the checkpoints of ``models`` on
         ``settings.device``; give one to choose compilation or a CPU runtime there).
     """
-    from conic_qp.paths import unique_stems
+    from conic_qp.paths import check_output_dir, unique_stems
     from conic_qp.predict import _compile, slide_stem
+    from conic_qp.slides import check_mpp
 
+    if mpp is not None:
+        check_mpp(mpp, force=force_mpp)
+    check_output_dir(out_dir)  # read-only (also for root): refused before the first write
     refs = _distinct_refs([p if isinstance(p, SlideRef) else SlideRef.file(p) for p in paths])
     keys = [r.location if r.is_file else r.uri for r in refs]
     names = {Path(k): r.name for k, r in zip(keys, refs, strict=True)}
@@ -923,7 +934,17 @@ def predict_paths(
     else:
         spec = model_spec or ModelSpec.from_models(models, settings.device, compile=compile_nets)
     jobs = [
-        SlideJob(ref, os.fspath(out_dir), stem, settings, spec, roi, mpp, resume=resume)
+        SlideJob(
+            ref,
+            os.fspath(out_dir),
+            stem,
+            settings,
+            spec,
+            roi,
+            mpp,
+            resume=resume,
+            force_mpp=force_mpp,
+        )
         for ref, stem in zip(refs, stems, strict=True)
     ]
     cohort = run_cohort(

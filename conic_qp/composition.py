@@ -486,6 +486,14 @@ def write_composition(
         "tidy_parquet": out.with_suffix(".parquet"),
         "summary_csv": out.with_name(out.stem + ".summary.csv"),
     }
+    from conic_qp.locks import clean_stale_temps
+    from conic_qp.paths import check_output_dir, check_writable
+
+    check_output_dir(out.parent, what="composition folder")  # created when missing
+    for path in paths.values():  # all three or none (read-only: root is refused too)
+        if path.exists():
+            check_writable(path, what="composition table")
+    clean_stale_temps(out.parent)  # what a killed run left beside the tables
     with atomic_path(paths["tidy_csv"]) as tmp:
         tidy.to_csv(tmp, index=False)
     with atomic_path(paths["tidy_parquet"]) as tmp:

@@ -5,15 +5,19 @@ leftovers and implausible values are handled where they enter (one test per clas
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from conic_qp.annotate import annotate_project
+from conic_qp.cli import main
 from conic_qp.cohort import predict_paths
 from conic_qp.composition import load_cohort
+from conic_qp.errors import ConicQPError, OutputError
 from conic_qp.outputs import entry_stem
 from conic_qp.synthetic import synthetic_slide_image
 from tests.helpers_models import settings, stand_in_models
@@ -128,3 +132,127 @@ def test_same_names_never_replace_each_others_results(tmp_path: Path) -> None:
     # an input recorded earlier keeps its stem, so --resume finds it
     res = predict_paths([b, a], models, st, out, resume=True)
     assert [r.status for r in res.cohort.results] == ["skipped", "skipped"]  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------- class 4: read-only, also for root
+
+
+def _chmod_tree(root: Path, mode_dir: int, mode_file: int) -> None:
+    for p in [root, *root.rglob("*")]:
+        os.chmod(p, mode_dir if p.is_dir() else mode_file)
+
+
+def test_read_only_outputs_are_refused_before_the_first_write(tmp_path: Path) -> None:
+    """``chmod -R a-w`` protects outputs whoever runs conic-qp (root ignores the bits)."""
+    slide = _slide(tmp_path / "s" / "a.tif", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o555)
+    try:
+        with pytest.raises(OutputError, match="read-only"):
+            predict_paths([slide], stand_in_models(), settings(save_labels=False), out)
+        assert list(out.iterdir()) == []
+        # a folder predict would create below a read-only one
+        with pytest.raises(OutputError, match="read-only"):
+            predict_paths([slide], stand_in_models(), settings(), out / "new" / "deeper")
+    finally:
+        os.chmod(out, 0o755)
+    project = make_project(tmp_path / "p")
+    before = _tree(project.parent)
+    _chmod_tree(project.parent, 0o555, 0o444)
+    try:
+        with pytest.raises(OutputError, match="read-only"):
+            annotate_project(project, stand_in_models(), fast(), backend="geojson")
+    finally:
+        _chmod_tree(project.parent, 0o755, 0o644)
+    assert _tree(project.parent) == before
+    # conic-qp's own folder read-only, the rest writable: refused before the project changes
+    annotate_project(project, stand_in_models(), fast(), backend="geojson", regions="tissue")
+    before = _tree(project.parent)
+    os.chmod(project.parent / "conic-qp", 0o555)
+    try:
+        with pytest.raises(OutputError, match="conic-qp is read-only"):
+            annotate_project(project, stand_in_models(), fast(), backend="geojson")
+    finally:
+        os.chmod(project.parent / "conic-qp", 0o755)
+    assert _tree(project.parent) == before
+
+
+def test_composition_refuses_a_read_only_folder(tmp_path: Path) -> None:
+    slide = _slide(tmp_path / "s" / "a.tif", 1)
+    pred = tmp_path / "pred"
+    predict_paths([slide], stand_in_models(), settings(save_labels=False), pred)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    os.chmod(dest, 0o555)
+    try:
+        res = CliRunner().invoke(main, ["composition", str(pred), "-o", str(dest / "c.csv")])
+    finally:
+        os.chmod(dest, 0o755)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "read-only" in res.output and list(dest.iterdir()) == []
+
+
+# --------------------------------------------------------- class 5: writes before validation
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, list(args))
+    assert "Traceback" not in res.output, res.output
+    return res.exit_code, res.output
+
+
+@pytest.mark.parametrize("mpp", ["0", "-1", "50", "1e-9", "nan"])
+def test_annotate_bad_mpp_leaves_the_project_alone(tmp_path: Path, mpp: str) -> None:
+    project = make_project(tmp_path)
+    before = _tree(project.parent)
+    code, out = _cli("annotate", str(project), "--mpp", mpp, "--backend", "geojson")
+    assert code == 2 and "--mpp" in out, out
+    assert _tree(project.parent) == before
+
+
+def test_annotate_with_every_image_missing_writes_nothing(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    for p in (tmp_path / "slides").iterdir():
+        p.unlink()
+    before = _tree(project.parent)
+    with pytest.raises(ConicQPError, match=r"none of the 2 selected image\(s\).*was found"):
+        annotate_project(project, stand_in_models(), fast(), backend="geojson")
+    assert _tree(project.parent) == before
+    code, out = _cli("annotate", str(project), "--backend", "geojson", "--device", "cpu")
+    assert code == 2 and "nothing was written" in out and "--remap" in out
+    assert _tree(project.parent) == before
+
+
+def test_annotate_touches_project_files_only_once_an_image_is_written(tmp_path: Path) -> None:
+    """Images found but none giving detections (all fail): no classes.json merge, no script."""
+    project = make_project(tmp_path)
+    for p in (tmp_path / "slides").iterdir():
+        p.write_bytes(b"")  # found, but empty: every image fails
+    classes = (project.parent / "classifiers" / "classes.json").read_bytes()
+    result = annotate_project(project, stand_in_models(), fast(), backend="geojson")
+    assert all(im.status == "failed" for im in result.images)
+    assert (project.parent / "classifiers" / "classes.json").read_bytes() == classes
+    assert not (project.parent / "groovy").exists() and result.script is None
+    assert not list((project.parent / "classifiers").glob("*.bak"))
+
+
+# ------------------------------------------------------------- class 8: implausible values
+
+
+def test_implausible_mpp_is_refused_before_any_write_unless_forced(tmp_path: Path) -> None:
+    slide = _slide(tmp_path / "s" / "a.tif", 1)
+    out = tmp_path / "out"
+    with pytest.raises(ConicQPError, match=r"outside the 0\.1-2 um/px"):
+        predict_paths([slide], stand_in_models(), settings(save_labels=False), out, mpp=2.5)
+    assert not out.exists()
+    code, text = _cli("predict", str(slide), "-o", str(out), "--mpp", "50")
+    assert code == 2 and "--force-mpp" in text and not out.exists()
+    code, text = _cli("annotate", str(tmp_path / "nowhere"), "--mpp", "50")
+    assert code == 2 and "--force-mpp" in text
+    # forced: the value is used (here 2.5 um/px: the slide is read 5x finer than the model)
+    batch = predict_paths([slide], stand_in_models(), settings(save_labels=False), out,
+                          mpp=2.5, force_mpp=True)  # fmt: skip
+    assert batch.ok
+    run = json.loads((out / "a.run.json").read_text())
+    assert run["slide"]["mpp"] == pytest.approx(2.5)

@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlparse
 from conic_qp.errors import ConicQPError, option, render
 from conic_qp.inputs import read_json
 from conic_qp.locks import clean_stale_temps, hold_lock
+from conic_qp.outputs import ANNOTATE_DIR, GROOVY_DIR
 from conic_qp.outputs import DETECTIONS_DIR as DETECTIONS_DIR
 from conic_qp.outputs import REGIONS_DIR as REGIONS_DIR
 from conic_qp.outputs import detections_dir as detections_dir
@@ -488,6 +489,10 @@ def _raw_id(entry: Any) -> str | None:
 # ------------------------------------------------------------------------------ safety, writing
 
 
+#: The project's folders conic-qp writes into (checked writable, cleaned of dead runs' temps).
+_CONIC_QP_FOLDERS = (ANNOTATE_DIR, DETECTIONS_DIR, GROOVY_DIR, "classifiers")
+
+
 def ensure_project_writable(path: str | os.PathLike[str]) -> Path:
     """Refuse to write a project that QuPath is saving, that a crash left half-saved, or that is
     read-only. Returns the project file.
@@ -504,6 +509,9 @@ def ensure_project_writable(path: str | os.PathLike[str]) -> Path:
             "(or delete the .tmp file if QuPath is not running) and retry"
         )
     check_writable(file, what="QuPath project")
+    for sub in _CONIC_QP_FOLDERS:  # folders conic-qp writes into, when they exist already
+        if (file.parent / sub).is_dir():
+            check_writable(file.parent / sub, what="QuPath project folder")
     return file
 
 
@@ -517,7 +525,8 @@ def project_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     file = ensure_project_writable(path)
     with hold_lock(file.parent / LOCK_FILE, what=str(file.parent)):
-        clean_stale_temps(file.parent)
+        for folder in (file.parent, *(file.parent / sub for sub in _CONIC_QP_FOLDERS)):
+            clean_stale_temps(folder)
         yield file
 
 

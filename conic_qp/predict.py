@@ -332,6 +332,9 @@ def make_executor(workers: int) -> Executor | None:
 
 
 def _worker_init() -> None:
+    from conic_qp.workers import watch_parent
+
+    watch_parent()  # a killed run must not leave its workers (and the fork server) behind
     # post-processing is single-threaded per tile; parallelism comes from the processes
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from conic_qp.cohort import predict_paths
 from conic_qp.composition import load_cohort
 from conic_qp.errors import ConicQPError, OutputError
 from conic_qp.outputs import entry_stem
+from conic_qp.paths import host_tag
 from conic_qp.synthetic import synthetic_slide_image
 from tests.helpers_models import settings, stand_in_models
 from tests.helpers_slides import write_pyramidal_tiff
@@ -256,3 +259,39 @@ def test_implausible_mpp_is_refused_before_any_write_unless_forced(tmp_path: Pat
     assert batch.ok
     run = json.loads((out / "a.run.json").read_text())
     assert run["slide"]["mpp"] == pytest.approx(2.5)
+
+
+# --------------------------------------------------- class 6: what dead runs left is cleaned
+
+
+def _dead_temp(folder: Path, target: str, *, folder_temp: bool = False) -> Path:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    path = folder / f".{target}.cqp-{proc.pid}-{host_tag()}-0000abcd.tmp"
+    if folder_temp:
+        path.mkdir(parents=True)
+        (path / "part.geojson").write_text("{}")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    return path
+
+
+def test_dead_runs_temp_files_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    slide = _slide(tmp_path / "s" / "a.tif", 1)
+    out = tmp_path / "out"
+    models, st = stand_in_models(), settings(save_labels=False)
+    predict_paths([slide], models, st, out)
+    stale = _dead_temp(out, "a.nuclei.parquet")
+    foreign = out / ".a.nuclei.parquet.1234.tmp"  # not a conic-qp temp name: never touched
+    foreign.write_bytes(b"someone else's")
+    res = predict_paths([slide], models, st, out, resume=True)  # also when nothing runs
+    assert [r.status for r in res.cohort.results] == ["skipped"]  # type: ignore[union-attr]
+    assert not stale.exists() and foreign.exists()
+    # annotate: leftovers in the project's folders conic-qp writes (detections, conic-qp, ...)
+    project = make_project(tmp_path / "p")
+    det = _dead_temp(project.parent / "detections", "1", folder_temp=True)
+    own = _dead_temp(project.parent / "conic-qp", "1.nuclei.parquet")
+    cls = _dead_temp(project.parent / "classifiers", "classes.json")
+    annotate_project(project, stand_in_models(), fast(), backend="geojson", regions="tissue")
+    assert not det.exists() and not own.exists() and not cls.exists()

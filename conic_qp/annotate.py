@@ -571,8 +571,9 @@ def _deliver(
     outcome, image = plan.outcome, plan.image
     if res.status != "done":
         outcome.error, outcome.error_template = res.message(), res.error
-        if res.status == "no_tissue":
+        if res.status == "no_tissue":  # empty table in conic-qp/: composition counts 0 nuclei
             outcome.status = "no_tissue"
+            outcome.outputs = dict(res.outputs)
         return None
     outcome.n_nuclei = res.n_nuclei
     outcome.class_counts = dict(res.class_counts)

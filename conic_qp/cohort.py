@@ -383,10 +383,12 @@ def skipped_result(job: SlideJob) -> SlideResult:
     run_json = job.outputs["run"]
     data = _read_run(run_json)
     now = time.time()
+    blank = data.get("status") == "no_tissue"  # still a blank slide (--strict counts it)
     return SlideResult(
         job.key,
         job.ref,
-        "skipped",
+        "no_tissue" if blank else "skipped",
+        error=str(data.get("message") or "no tissue") if blank else None,
         outputs={k: run_json.parent / str(v) for k, v in (data.get("outputs") or {}).items()},
         n_nuclei=int(data.get("nuclei", 0)),
         class_counts={str(k): int(v) for k, v in (data.get("class_counts") or {}).items()},
@@ -434,7 +436,7 @@ def run_slide_job(
     on_progress : tile-level progress of this slide.
     worker : recorded in the result (the Dask worker's address).
     """
-    from conic_qp.predict import predict_slide
+    from conic_qp.predict import predict_slide, write_no_tissue_outputs
 
     started = time.time()
     host = worker or socket.gethostname()
@@ -459,18 +461,26 @@ def run_slide_job(
             pool = own_pool = _post_executor(job.settings.workers)
         forced = {"force_mpp": True} if job.force_mpp else {}
         with open_ref(job.ref, mpp=job.mpp, **forced) as source:
-            out = predict_slide(
-                source,
-                models,
-                job.settings,
-                job.out_dir,
-                on_progress,
-                job.roi,
-                executor=pool,
-                stem=job.stem,
-                slide_path=job.slide_path,
-                image_id=job.image_id,
-            )
+            try:
+                out = predict_slide(
+                    source,
+                    models,
+                    job.settings,
+                    job.out_dir,
+                    on_progress,
+                    job.roi,
+                    executor=pool,
+                    stem=job.stem,
+                    slide_path=job.slide_path,
+                    image_id=job.image_id,
+                )
+            except NoTissueError as exc:  # a blank slide: empty outputs, its own status
+                log.warning("%s: %s", job.ref.name, exc)
+                outputs = write_no_tissue_outputs(
+                    source, models, job.settings, job.out_dir, render(exc.template),
+                    stem=job.stem, slide_path=job.slide_path, image_id=job.image_id,
+                )  # fmt: skip
+                return result("no_tissue", error=exc.template, outputs=dict(outputs))
         return result(
             "done",
             outputs=dict(out.outputs),

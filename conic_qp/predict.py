@@ -72,6 +72,7 @@ __all__ = [
     "roi_from_boxes",
     "roi_from_geojson",
     "slide_stem",
+    "write_no_tissue_outputs",
 ]
 
 
@@ -389,15 +390,7 @@ def predict_slide(
     timings: dict[str, float] = {"tissue_s": time.perf_counter() - t0}
     n_tiles = len(plan.selected)
 
-    metadata = {
-        "format": "conic-qp nucleus table",
-        "version": 1,
-        "classes": models.classes.to_json(),
-        "mpp": float(source.mpp),
-        "model": models.info[0] if len(models.info) == 1 else {"ensemble": models.info},
-        "slide": slide_path or source.name,
-        "image_id": image_id,
-    }
+    metadata = _table_metadata(source, models, slide_path, image_id)
     own_executor = executor is None and settings.workers > 0
     pool = make_executor(settings.workers) if own_executor else executor
     writers: list[SlideWriter] = []
@@ -490,6 +483,101 @@ def predict_slide(
     outputs["run"] = paths["run"]
     report(Progress(source.name, "done", n_tiles, n_tiles, engine.n_nuclei))
     return SlideResult(source.name, outputs, engine.n_nuclei, counts, n_tiles, timings, plan=plan)
+
+
+def _table_metadata(
+    source: SlideSource, models: ModelSet, slide_path: str | None, image_id: str
+) -> dict[str, Any]:
+    return {
+        "format": "conic-qp nucleus table",
+        "version": 1,
+        "classes": models.classes.to_json(),
+        "mpp": float(source.mpp),
+        "model": models.info[0] if len(models.info) == 1 else {"ensemble": models.info},
+        "slide": slide_path or source.name,
+        "image_id": image_id,
+    }
+
+
+def write_no_tissue_outputs(
+    source: SlideSource,
+    models: ModelSet,
+    settings: PredictSettings,
+    out_dir: str | os.PathLike[str],
+    reason: str,
+    *,
+    stem: str | None = None,
+    slide_path: str | None = None,
+    image_id: str | None = None,
+) -> dict[str, Path]:
+    """Empty outputs for a slide without tissue: a table with no rows, a GeoJSON without
+    features and a run.json with ``"status": "no_tissue"``, so a cohort's tables list the slide
+    with 0 nuclei instead of leaving it out (and ``--resume`` knows it is done)."""
+    from conic_qp.paths import ensure_inside
+    from conic_qp.run_record import RUN_FORMAT, RUN_VERSION, versions
+    from conic_qp.sinks import write_json_atomic
+
+    stem = stem or slide_stem(source.name)
+    image_id = image_id or source.name
+    paths = output_paths(out_dir, stem)
+    for p in paths.values():
+        ensure_inside(out_dir, p)
+    table = TableWriter(
+        paths["table"],
+        models.classes,
+        _table_metadata(source, models, slide_path, image_id),
+        with_label=settings.save_labels,
+    )
+    writers: list[SlideWriter] = [
+        table,
+        GeoJSONWriter(paths["geojson"], table, models.classes, settings.object_type),
+    ]
+    try:
+        for w in writers:
+            w.close()
+        with contextlib.suppress(FileNotFoundError):
+            paths["run"].unlink()
+        committed = [w.commit() for w in writers]
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    if paths["labels"].exists():
+        shutil.rmtree(paths["labels"], ignore_errors=True)  # a stale map would not match
+    keys = {v: k for k, v in paths.items()}
+    outputs = {keys[p]: p for p in committed}
+    w0, h0 = source.dimensions
+    run = {
+        "format": RUN_FORMAT,
+        "version": RUN_VERSION,
+        "complete": True,
+        "status": "no_tissue",
+        "message": reason,
+        "fingerprint": models.fingerprint,
+        "slide": {
+            "path": slide_path or source.name,
+            "name": source.name,
+            "image_id": image_id,
+            "mpp": float(source.mpp),
+            "dimensions": [int(w0), int(h0)],
+        },
+        "models": models.info,
+        "model_mpp": models.mpp,
+        "classes": models.classes.to_json(),
+        "thresholds": models.params.to_json(),
+        "thresholds_source": models.thresholds_source,
+        "settings": settings.to_json(),
+        "roi": None,
+        "roi_area_px": None,
+        "tissue_area_px": 0.0,
+        "nuclei": 0,
+        "class_counts": dict.fromkeys(models.classes.names, 0),
+        "outputs": {k: v.name for k, v in outputs.items()},
+        "versions": versions(),
+    }
+    write_json_atomic(paths["run"], run, root=out_dir)
+    outputs["run"] = paths["run"]
+    return outputs
 
 
 def _model_device(models: ModelSet) -> torch.device:

@@ -4,6 +4,7 @@ leftovers and implausible values are handled where they enter (one test per clas
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -11,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,6 +25,7 @@ from conic_qp.composition import load_cohort
 from conic_qp.errors import ConicQPError, OutputError
 from conic_qp.outputs import entry_stem
 from conic_qp.paths import host_tag
+from conic_qp.sinks.tables import read_table
 from conic_qp.synthetic import synthetic_slide_image
 from tests.helpers_models import settings, stand_in_models
 from tests.helpers_slides import write_pyramidal_tiff
@@ -295,3 +299,50 @@ def test_dead_runs_temp_files_are_removed_by_the_next_run(tmp_path: Path) -> Non
     cls = _dead_temp(project.parent / "classifiers", "classes.json")
     annotate_project(project, stand_in_models(), fast(), backend="geojson", regions="tissue")
     assert not det.exists() and not own.exists() and not cls.exists()
+
+
+# ------------------------------------------------------------------ blank slides: no tissue
+
+
+def test_a_blank_slide_gets_empty_outputs_and_counts_as_zero_nuclei(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    tissue = _slide(slides / "tissue.tif", 1)
+    glass = write_pyramidal_tiff(slides / "glass.tif", np.full((192, 192, 3), 245, np.uint8),
+                                 mpp=0.5)  # fmt: skip
+    out = tmp_path / "out"
+    batch = predict_paths([tissue, glass], stand_in_models(), settings(save_labels=False), out)
+    assert batch.ok
+    status = {r.key: r.status for r in batch.cohort.results}  # type: ignore[union-attr]
+    assert status == {"tissue": "done", "glass": "no_tissue"}
+    table = read_table(out / "glass.nuclei.parquet")
+    assert len(table) == 0 and "class_name" in table.columns
+    run = json.loads((out / "glass.run.json").read_text())
+    assert run["status"] == "no_tissue" and run["nuclei"] == 0 and run["complete"] is True
+    with gzip.open(out / "glass.geojson.gz", "rt") as fh:
+        assert json.load(fh)["features"] == []
+    # composition lists the slide with 0 nuclei
+    code, text = _cli("composition", str(out), "-o", str(tmp_path / "c.csv"))
+    assert code == 0, text
+    summary = pd.read_csv(tmp_path / "c.summary.csv")
+    counts = dict(zip(summary["slide"], summary["total"], strict=True))
+    assert counts["glass"] == 0 and counts["tissue"] > 0
+    # resumed, it stays a blank slide (not "skipped"), so --strict still sees it
+    again = predict_paths([tissue, glass], stand_in_models(), settings(save_labels=False), out,
+                          resume=True)  # fmt: skip
+    assert [r.status for r in again.cohort.results] == ["skipped", "no_tissue"]  # type: ignore[union-attr]
+
+
+def test_a_blank_project_image_is_no_tissue_with_an_empty_table(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    glass = np.full((256, 288, 3), 245, np.uint8)
+    write_pyramidal_tiff(tmp_path / "slides" / "slide2.tif", glass, mpp=0.5, levels=2)
+    result = annotate_project(project, stand_in_models(), fast(), backend="geojson",
+                              regions="tissue")  # fmt: skip
+    assert [im.status for im in result.images] == ["done", "no_tissue"] and result.ok
+    assert len(read_table(project.parent / "conic-qp" / "2.nuclei.parquet")) == 0
+    slides, failures = load_cohort(project)
+    assert not failures and len(slides) == 2
+    code, text = _cli("composition", str(project), "-o", str(tmp_path / "c.csv"))
+    assert code == 0, text
+    summary = pd.read_csv(tmp_path / "c.summary.csv")
+    assert summary.groupby("slide")["total"].sum()["slide2.tif"] == 0

@@ -32,7 +32,6 @@ written to a temporary name and renamed. An image that fails is recorded and the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import Any, Literal
 import shapely
 
 from conic_qp.cohort import InProcessRunner, ModelSpec, Runner, SlideJob, SlideResult, run_cohort
-from conic_qp.errors import ConicQPError, option, render
+from conic_qp.errors import ConicQPError, OutputError, option, render
 from conic_qp.outputs import (
     ANNOTATE_DIR,
     ANNOTATE_RUN_FILE,
@@ -492,8 +491,10 @@ def _annotate_locked(
     finally:
         if sink is not None:
             sink.close(complete and opened)  # a sink never opened has nothing to save
-        with contextlib.suppress(OSError):  # the record must not hide the original error
+        try:
             record(complete)
+        except (OSError, OutputError) as exc:  # the record must not hide the original error
+            log.error("%s was not updated: %s", run_json, exc)
     script = getattr(sink, "script", None)
     command = sink.command if sink is not None else None
     images = [outcomes[im.entry_id] for im in selected]

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from conic_qp.errors import ConicQPError, NoTissueError, render
+from conic_qp.errors import ConicQPError, NoTissueError, OutputError, render
 from conic_qp.sources import SlideRef, open_ref
 
 if TYPE_CHECKING:
@@ -768,8 +768,10 @@ def run_cohort(
                 res = replaced
         results[res.key] = res
         if book is not None:
-            with contextlib.suppress(OSError):  # the record must not stop the cohort
+            try:
                 book.record(res)
+            except (OSError, OutputError) as exc:  # the record must not stop the cohort
+                log.warning("the manifest was not updated: %s", exc)
         if on_progress is not None:
             from conic_qp.predict import Progress
 

@@ -391,7 +391,14 @@ class SlideEngine:
                 cc = band.columns(panel.carry_out)
                 carry = torch.cat([band.num[..., cc], band.den[None, :, cc]], dim=0)
                 arrays["carry"] = carry.cpu().numpy()
-            np.savez(scratch / f"{panel.index}-{r}.npz", **arrays)
+            try:
+                np.savez(scratch / f"{panel.index}-{r}.npz", **arrays)
+            except OSError as exc:  # the scratch folder lives in the output folder
+                from conic_qp.errors import OutputError
+
+                raise OutputError.from_os_error(
+                    exc, scratch.parent, what="scratch files in"
+                ) from exc
         del band, values_t, covered_t
         self.stats["blend_s"] += time.perf_counter() - t0
         grid = self.plan.blocks

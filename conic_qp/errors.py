@@ -173,8 +173,12 @@ def describe_os_error(
     unknown errnos fall back to the system's own text.
     """
     path = path if path is not None else _filename(exc)
-    cause, todo = _CAUSES.get(exc.errno or -1, (exc.strerror or str(exc) or type(exc).__name__, ""))
-    if exc.errno == errno.ENOENT and action != "write":
+    code = exc.errno
+    if code is None:  # pyarrow and zarr put the errno into the text only
+        found = re.search(r"\[Errno (\d+)\]", str(exc))
+        code = int(found.group(1)) if found else None
+    cause, todo = _CAUSES.get(code or -1, (exc.strerror or str(exc) or type(exc).__name__, ""))
+    if code == errno.ENOENT and action != "write":
         cause, todo = "no such file or folder", "check the path"
     subject = " ".join(part for part in (what, path) if part) or "a file"
     head = f"cannot {action} {subject}" if action else f"{subject}"

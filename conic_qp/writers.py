@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conic_qp.classes import ClassScheme
-from conic_qp.errors import ConicQPError
+from conic_qp.errors import ConicQPError, OutputError
 from conic_qp.objects import table_schema
 from conic_qp.sinks import replace_dir
 from conic_qp.stitch import BlockOutput
@@ -55,6 +56,18 @@ class SlideWriter(Protocol):
 
     def abort(self) -> None:
         """Remove the temporary output (the run failed); never raises."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A writer's own file-system errors (disk full, read-only, permission denied) as one
+    :class:`~conic_qp.errors.OutputError` naming its output, not its temporary name."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, path) from exc
 
 
 def _tmp_name(path: Path) -> Path:
@@ -100,7 +113,8 @@ class TableWriter:
         from conic_qp.sinks.tables import METADATA_KEY
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _tmp_name(self.path)
         self.with_label = with_label
         self.row_group_rows = row_group_rows
@@ -108,7 +122,8 @@ class TableWriter:
         self.n = 0
         meta = {METADATA_KEY: json.dumps(metadata, ensure_ascii=False).encode("utf-8")}
         self.schema = arrow_schema(classes, with_label).with_metadata(meta)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(str(self.tmp), self.schema)
+        with _writing(self.path):
+            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(str(self.tmp), self.schema)
         self._buffer: list[pa.Table] = []
         self._buffered = 0
 
@@ -129,17 +144,20 @@ class TableWriter:
 
     def _flush(self) -> None:
         if self._buffer and self._writer is not None:
-            self._writer.write_table(pa.concat_tables(self._buffer))
+            with _writing(self.path):
+                self._writer.write_table(pa.concat_tables(self._buffer))
         self._buffer, self._buffered = [], 0
 
     def close(self) -> None:
         self._flush()
         if self._writer is not None:
-            self._writer.close()
+            with _writing(self.path):
+                self._writer.close()
             self._writer = None
 
     def commit(self) -> Path:
-        os.replace(self.tmp, self.path)
+        with _writing(self.path):
+            os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -171,16 +189,18 @@ class GeoJSONWriter:
 
         self.table.close()
         batches = pq.ParquetFile(self.table.tmp).iter_batches(batch_size=5000)
-        write_geojson(
-            (b.to_pandas() for b in batches),
-            self.tmp,
-            self.classes,
-            object_type=self.object_type,  # type: ignore[arg-type]
-            gzip=self.path.name.lower().endswith(".gz"),
-        )
+        with _writing(self.path):
+            write_geojson(
+                (b.to_pandas() for b in batches),
+                self.tmp,
+                self.classes,
+                object_type=self.object_type,  # type: ignore[arg-type]
+                gzip=self.path.name.lower().endswith(".gz"),
+            )
 
     def commit(self) -> Path:
-        os.replace(self.tmp, self.path)
+        with _writing(self.path):
+            os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -208,7 +228,8 @@ class LabelMapWriter:
         import zarr
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _tmp_name(self.path)
         try:
             self._array = zarr.open_array(
@@ -220,6 +241,9 @@ class LabelMapWriter:
                 fill_value=0,
             )
             self._array.attrs.update(attrs)
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError.from_os_error(exc, self.path) from exc
         except Exception as exc:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise ConicQPError(f"cannot create the label map {self.path} ({exc})") from exc
@@ -232,7 +256,8 @@ class LabelMapWriter:
         current = np.asarray(self._array[sl])
         mask = labels > 0
         current[mask] = labels[mask] + offset
-        self._array[sl] = current
+        with _writing(self.path):
+            self._array[sl] = current
 
     def write(self, block: BlockOutput) -> None:
         if block.labels is None:

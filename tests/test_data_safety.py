@@ -346,3 +346,39 @@ def test_a_blank_project_image_is_no_tissue_with_an_empty_table(tmp_path: Path) 
     assert code == 0, text
     summary = pd.read_csv(tmp_path / "c.summary.csv")
     assert summary.groupby("slide")["total"].sum()["slide2.tif"] == 0
+
+
+# ------------------------------------------------------------ class 9: OS errors on outputs
+
+FULL_DISK = """
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from conic_qp.cohort import predict_paths
+from tests.helpers_models import settings, stand_in_models
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # files stop growing: a full disk
+st = settings(save_labels=False, panel_width=int(sys.argv[3]))
+batch = predict_paths([sys.argv[1]], stand_in_models(), st, sys.argv[2])
+print(json.dumps(batch.failures))
+"""
+
+
+@pytest.mark.parametrize(("panel_width", "target"), [(4096, "a.nuclei.parquet"), (128, "")])
+def test_a_full_disk_fails_the_slide_with_one_line_naming_the_output(
+    tmp_path: Path, panel_width: int, target: str
+) -> None:
+    """The table being written, or the scratch files of a slide read in several panels."""
+    slide = _slide(tmp_path / "s" / "a.tif", 1)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(slide), str(out), str(panel_width)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    (message,) = json.loads(proc.stdout.strip().splitlines()[-1]).values()
+    assert "\n" not in message and "Traceback" not in message
+    named = f"{out / target}" if target else f"scratch files in {out}"
+    assert message.startswith(f"cannot write {named}: "), message
+    assert "file is too large" in message or "disk is full" in message
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".a.")]  # no temp left
+    assert not (out / "a.nuclei.parquet").exists()

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from conic_qp.classes import ClassScheme
 from conic_qp.errors import ConicQPError
+from conic_qp.inputs import read_json
 from conic_qp.model import ConicNet, ModelConfig
 from conic_qp.paths import temp_path
 from conic_qp.sinks import replace_dir
@@ -161,12 +162,9 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConicQPError(
             f"{str(folder)!r} has no {CONFIG_FILE}; it is not a conic-qp checkpoint folder"
         )
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConicQPError(
-            f"{str(config_path)!r} is not valid JSON ({exc}); re-save the checkpoint"
-        ) from exc
+    data = read_json(
+        config_path, "checkpoint config", "copy the checkpoint folder again or re-save it"
+    )
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ConicQPError(
@@ -265,10 +263,7 @@ def _read_thresholds(folder: Path) -> dict[str, Any] | None:
     p = folder / THRESHOLDS_FILE
     if not p.is_file():
         return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConicQPError(f"{str(p)!r} is not valid JSON ({exc}); re-tune or delete it") from exc
+    data = read_json(p, "checkpoint thresholds", "re-run `conic-qp tune` or delete the file")
     if not isinstance(data, dict):
         raise ConicQPError(f"{str(p)!r} must hold a JSON object of thresholds")
     return data

@@ -199,17 +199,14 @@ def load_models(
             )
     source = "default"
     if thresholds is not None:
+        from conic_qp.inputs import read_json
+
         tpath = Path(thresholds)
-        try:
-            data = json.loads(tpath.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConicQPError(
-                f"{option('thresholds')} {tpath} does not exist; check the path"
-            ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConicQPError(
-                f"{option('thresholds')} {tpath} is not valid JSON ({exc})"
-            ) from None
+        data = read_json(
+            tpath,
+            f"thresholds file ({option('thresholds')})",
+            "re-run `conic-qp tune` or give the thresholds.json of a checkpoint",
+        )
         params = PostprocessParams.from_json(data)
         source = str(tpath)
     elif first.thresholds is not None:

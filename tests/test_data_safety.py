@@ -382,3 +382,26 @@ def test_a_full_disk_fails_the_slide_with_one_line_naming_the_output(
     assert "file is too large" in message or "disk is full" in message
     assert not [p.name for p in out.iterdir() if p.name.startswith(".a.")]  # no temp left
     assert not (out / "a.nuclei.parquet").exists()
+
+
+# -------------------------------------------------------------- class 10: messages that help
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"version": 1, "classes": [1,],}', "line 1, column"),
+        ("", "is empty"),
+        ('{"version": 1, "classes": [{"fg": NaN}]}', "not a number"),
+    ],
+)
+def test_malformed_thresholds_say_what_and_what_to_do(tmp_path: Path, text: str, says: str) -> None:
+    slide = _slide(tmp_path / "s" / "a.tif", 1)
+    bad = tmp_path / "t.json"
+    bad.write_text(text)
+    out = tmp_path / "out"
+    code, output = _cli("predict", str(slide), "-o", str(out), "--thresholds", str(bad))
+    errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1, output
+    assert says in errors[0] and "--thresholds" in errors[0]
+    assert "re-run `conic-qp tune`" in errors[0] and not out.exists()

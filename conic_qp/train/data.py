@@ -16,7 +16,6 @@ without any class labels (e.g. MoNuSeg) has ``class_maps = None``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ from skimage.transform import downscale_local_mean, resize
 
 from conic_qp.classes import CONIC, CONSEP, ClassScheme
 from conic_qp.errors import ConicQPError
-from conic_qp.inputs import load_npy, load_pickled_arrays
+from conic_qp.inputs import load_npy, load_pickled_arrays, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -798,10 +797,9 @@ def read_tile_folder(
     labelled = type_root.is_dir()
     declared: dict[str, Any] = {}
     if (folder / "classes.json").exists():
-        try:
-            declared = json.loads((folder / "classes.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ConicQPError(f"{folder / 'classes.json'} is not valid JSON ({exc})") from exc
+        declared = read_json(folder / "classes.json", "data set classes", "fix or delete it")
+        if not isinstance(declared, dict):
+            raise ConicQPError(f"{folder / 'classes.json'} must hold a JSON object; fix it")
     if mpp is None:
         if "mpp" not in declared:
             raise ConicQPError(

@@ -94,9 +94,8 @@ def evaluate_checkpoint(
     save_pred: str | Path | None = None,
 ) -> Any:
     """CoNIC scores of a checkpoint on labelled tiles, with its tuned thresholds for ``task``."""
-    import json
-
     from conic_qp.checkpoint import THRESHOLDS_TASK2_FILE
+    from conic_qp.inputs import read_json
     from conic_qp.metrics import evaluate
     from conic_qp.postprocess import PostprocessParams
     from conic_qp.sinks import atomic_path
@@ -109,7 +108,7 @@ def evaluate_checkpoint(
     thresholds = ckpt.thresholds
     task2 = Path(model_path) / THRESHOLDS_TASK2_FILE
     if task == 2 and task2.is_file():
-        thresholds = json.loads(task2.read_text())
+        thresholds = read_json(task2, "Task 2 thresholds", "re-run `conic-qp tune --task 2`")
     params = (
         PostprocessParams.from_json(thresholds)
         if thresholds

@@ -16,7 +16,6 @@ Output folder layout::
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from conic_qp.checkpoint import load_checkpoint, save_checkpoint
 from conic_qp.classes import CONIC, CONSEP, ClassScheme
 from conic_qp.errors import ConicQPError
+from conic_qp.inputs import read_json
 from conic_qp.locks import clean_stale_temps
 from conic_qp.metrics import EvaluationResult, evaluate
 from conic_qp.model import ConicNet, ModelConfig, resolve_device
@@ -85,10 +85,8 @@ def resolve_scheme(spec: str) -> ClassScheme:
         raise ConicQPError(
             f"classes {spec!r} is neither conic/consep/nucls nor a classes.json file"
         )
-    try:
-        return scheme_from_json(json.loads(path.read_text()), name=path.stem)
-    except json.JSONDecodeError as exc:
-        raise ConicQPError(f"{path} is not valid JSON ({exc})") from exc
+    data = read_json(path, "classes file", "fix the JSON or use conic, consep or nucls")
+    return scheme_from_json(data, name=path.stem)
 
 
 def read_source(src: DataSource, data: DataSection, scheme: ClassScheme) -> LabelledSet:

@@ -285,16 +285,20 @@ class WorkerSetup(_WorkerPlugin):
         return None
 
 
+def worker_name() -> str | None:
+    """The address of the Dask worker running the calling task (None outside a worker)."""
+    with contextlib.suppress(ImportError, ValueError):
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    return None
+
+
 def run_job_task(job: SlideJob) -> SlideResult:
     """A Dask task: one slide on this worker, models from the worker's cache."""
     from conic_qp.cohort import run_slide_job
 
-    name: str | None = None
-    with contextlib.suppress(ImportError, ValueError):
-        from distributed import get_worker
-
-        name = str(get_worker().address)
-    return run_slide_job(job, worker=name)
+    return run_slide_job(job, worker=worker_name())
 
 
 def _local_gpus() -> list[int]:
@@ -400,12 +404,21 @@ class DaskRunner:
     ``client``: a connected :class:`distributed.Client`. ``retries``: reruns of a task that
     raised (failures are captured as results, so this covers only errors outside the slide's
     run, e.g. a worker that cannot deserialise the job). A slide whose worker died is rerun by
-    the scheduler (``allowed-failures``), then reported as failed.
+    the scheduler (``allowed-failures``), then reported as failed. ``task``: what a worker runs
+    per job (default :func:`run_job_task`); a picklable ``task(job) -> SlideResult`` that
+    captures its failures (OMERO jobs pass theirs: a dropped connection logs in again).
     """
 
-    def __init__(self, client: Any, *, retries: int = 2) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        retries: int = 2,
+        task: Callable[[SlideJob], SlideResult] | None = None,
+    ) -> None:
         self.client = client
         self.retries = retries
+        self.task = task or run_job_task
 
     def _resources(self) -> dict[str, int] | None:
         """Require the slide resource only when every worker offers it (workers a user started
@@ -445,7 +458,7 @@ class DaskRunner:
                 if on_start is not None:
                     on_start(job)
                 future = self.client.submit(
-                    run_job_task,
+                    self.task,
                     job,
                     key=f"conic-qp-slide-{token}-{job.key}",
                     pure=False,

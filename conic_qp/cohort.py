@@ -494,7 +494,9 @@ def run_slide_job(
         return result("no_tissue", error=exc.template)
     except ConicQPError as exc:
         log.error("%s: %s", job.ref.name, exc)
-        return result("failed", error=exc.template)
+        # e.g. a dropped server connection: the caller may log in again and rerun the slide
+        retry = {"retryable": True} if getattr(exc, "retryable", False) else {}
+        return result("failed", error=exc.template, extra=retry)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # one broken slide must not stop a cohort

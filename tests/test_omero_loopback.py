@@ -324,23 +324,143 @@ def test_dropped_connection_during_upload_leaves_nothing_half_written(
 
 
 class _Connection:
-    """An OmeroConnection whose logins give LoopbackConns (the real login is tested elsewhere)."""
+    """An OmeroConnection whose logins give LoopbackConns (the real login is tested elsewhere);
+    ``gateways``: the gateway class of each login in turn (then LoopbackConn)."""
 
-    def __new__(cls, srv: Any, images: dict[int, Any]) -> Any:
+    def __new__(cls, srv: Any, images: dict[int, Any], gateways: tuple[type, ...] = ()) -> Any:
         from conic_qp.omero.connection import OmeroConnection, OmeroCredentials
         from tests.helpers_omero import LoopbackConn
+
+        kinds = list(gateways)
 
         class Fake(OmeroConnection):
             logins = 0
 
             def connect(self) -> Any:
                 Fake.logins += 1
-                self._gateway = LoopbackConn(srv, images)
+                gateway = kinds.pop(0) if kinds else LoopbackConn
+                self._gateway = gateway(srv, images)
                 self._owned = True
                 return self._gateway
 
         creds = OmeroCredentials("127.0.0.1", srv.port, "ana", PASSWORD, KEY, None, "test")
         return Fake(creds)
+
+
+def _dead_conn() -> type:
+    """A LoopbackConn whose connection is gone for good once a call dropped: deletes (the
+    rollback) fail like every call on a dead connection."""
+    import Ice
+
+    from tests.helpers_omero import LoopbackConn
+
+    class Dead(LoopbackConn):
+        def deleteObjects(self, kind: str, ids: list[int], wait: bool = False) -> None:
+            raise Ice.ConnectionLostException()
+
+    return Dead
+
+
+def _predicted(tmp_path: Path, df: pd.DataFrame, stem: str = "img") -> Any:
+    """A finished local prediction of ``df`` as the sink receives it."""
+    from conic_qp.predict import output_paths
+    from conic_qp.sinks.detections import Detections
+    from conic_qp.sinks.tables import read_table, write_table
+
+    paths = output_paths(tmp_path, stem)
+    plain = df.copy()
+    plain.attrs = {}  # the classes go into the Parquet metadata
+    write_table(plain, paths["table"], classes=df.attrs["classes"], mpp=0.5)
+    paths["geojson"].write_bytes(_geojson(tmp_path).read_bytes())
+    run = {"complete": True, "slide": {"mpp": 0.5}, "tissue_area_px": 9e6, "models": []}
+    paths["run"].write_text(json.dumps(run))
+    classes = read_table(paths["table"]).attrs["classes"]
+    return Detections("9", "slide [image 9]", paths["table"], classes, outputs=paths)
+
+
+def _file_ids(srv: Any, image_id: int) -> set[int]:
+    from omero.rtypes import unwrap
+
+    anns = [srv.db.annotations[a] for a in srv.db.links.get(image_id, set())]
+    return {unwrap(a.getFile().getId()) for a in anns if hasattr(a, "getFile") and a.getFile()}
+
+
+def test_omero_sink_replaces_only_complete_results_and_keep_keeps_them(
+    srv: Any, tmp_path: Path
+) -> None:
+    from conic_qp.omero.results import NS_COMPOSITION, NS_GEOJSON, NS_TABLE, WriteOptions
+    from conic_qp.omero.sinks import OmeroSink
+    from conic_qp.sinks.detections import DetectionSink
+    from tests.helpers_omero import make_image
+
+    classes = ClassScheme.from_names("s", ["a", "b"])
+    conn = _Connection(srv, {9: make_image(9, (3000, 3000))})
+    sink = OmeroSink(conn, WriteOptions(max_rois=10))
+    assert isinstance(sink, DetectionSink) and sink.open(classes) == []
+    first = sink.write(_predicted(tmp_path / "1", _table(classes, 30)))
+    linked = _linked(srv, 9)
+    assert {len(linked[ns]) for ns in (NS_TABLE, NS_GEOJSON, NS_COMPOSITION)} == {1}
+    assert first.counts_by_parent == {None: 30} and first.removed == 0
+    assert len(srv.db.rois) == 10 == first.record["n_rois"]
+    second = sink.write(_predicted(tmp_path / "2", _table(classes, 20, 1)))
+    assert second.removed > 0 and len(srv.db.rois) == 10
+    (table,) = _linked(srv, 9)[NS_TABLE]
+    assert len(srv.read_table(table.getFile().getId().getValue())["Image"]) == 20
+    keep = OmeroSink(conn, WriteOptions(replace=False))  # --keep: history stays
+    assert keep.write(_predicted(tmp_path / "3", _table(classes, 5, 2))).removed == 0
+    assert len(_linked(srv, 9)[NS_TABLE]) == 2
+    assert not list(tmp_path.rglob("*.omero-pending.json"))
+    with pytest.raises(ValueError):  # an unfinished prediction is never uploaded
+        det = _predicted(tmp_path / "4", _table(classes, 5))
+        det.outputs["run"].write_text(json.dumps({"complete": False}))
+        sink.write(det)
+
+
+def test_connection_dying_mid_upload_leaves_earlier_results_and_no_partial_ones(
+    srv: Any, tmp_path: Path
+) -> None:
+    """The link transaction drops and the rollback cannot reach the server: the new objects
+    stay unlinked, journaled, and the next attempt (after a new login) removes them first."""
+    from conic_qp.omero.connection import OmeroConnectionLost
+    from conic_qp.omero.results import WriteOptions
+    from conic_qp.omero.sinks import OmeroSink, pending_path
+    from tests.helpers_omero import make_image
+
+    classes = ClassScheme.from_names("s", ["a", "b"])
+    images = {9: make_image(9, (3000, 3000))}
+    good = OmeroSink(_Connection(srv, images), WriteOptions(max_rois=40)).write(
+        _predicted(tmp_path / "old", _table(classes, 40))
+    )
+    before = {"links": set(srv.db.links[9]), "rois": set(srv.db.rois),
+              "annotations": set(srv.db.annotations), "files": set(srv.db.files)}  # fmt: skip
+    dead = _Connection(srv, images, gateways=(_dead_conn(),))
+    srv.db.drop["saveArray"] = 0  # the transaction that links the new results drops
+    det = _predicted(tmp_path / "new", _table(classes, 40, 5))
+    with pytest.raises(OmeroConnectionLost):
+        OmeroSink(dead, WriteOptions(max_rois=40), retries=0).write(det)
+    assert set(srv.db.links[9]) == before["links"]  # the earlier results, complete, still there
+    journal = json.loads(pending_path(det.table).read_text())["objects"]
+    new_rois = set(srv.db.rois) - before["rois"]
+    assert set(journal["Roi"]) == new_rois and len(new_rois) == 40  # ROIs point at the image
+    assert set(journal["Annotation"]) == set(srv.db.annotations) - before["annotations"]
+    assert set(journal["OriginalFile"]) <= set(srv.db.files) - before["files"]
+    assert not set(journal["Annotation"]) & set(srv.db.links[9])  # none of them linked
+    # the next run removes the leftovers first, then writes the whole result, replacing the old
+    done = OmeroSink(_Connection(srv, images), WriteOptions(max_rois=40)).write(det)
+    assert not pending_path(det.table).exists()
+    linked_now = set(srv.db.links[9])
+    assert not linked_now & before["links"] and done.record["table_file_id"] in srv.db.files
+    assert set(srv.db.annotations) == linked_now  # no orphan annotation from any attempt
+    assert len(srv.db.rois) == 40 and not set(srv.db.rois) & (before["rois"] | new_rois)
+    # within one upload: the retry after a new login cleans up after the dead connection
+    dead = _Connection(srv, images, gateways=(_dead_conn(),))
+    srv.db.drop["saveArray"] = 0
+    det2 = _predicted(tmp_path / "newer", _table(classes, 40, 6))
+    again = OmeroSink(dead, WriteOptions(max_rois=40), retries=1).write(det2)
+    assert type(dead).logins == 2 and not pending_path(det2.table).exists()
+    assert set(srv.db.annotations) == set(srv.db.links[9]) and len(srv.db.rois) == 40
+    assert set(srv.db.files) <= {again.record["table_file_id"], *_file_ids(srv, 9)}
+    assert good.record["table_file_id"] not in srv.db.files
 
 
 @pytest.fixture(scope="module")

@@ -279,8 +279,8 @@ def test_redaction_while_connected(om: Any, tmp_path: Path) -> None:
 
 def test_composition_summary_feeds_map_annotations(om: Any) -> None:
     from conic_qp.composition import CompositionRegion
-    from conic_qp.omero.jobs import composition_summary
     from conic_qp.omero.results import composition_pairs
+    from conic_qp.omero.sinks import composition_summary
     from tests.test_omero import _nuclei
 
     classes = ClassScheme.from_names("s", ["a", "b"])

@@ -79,6 +79,9 @@ _OMERO_LOGGERS = ("omero", "omero.gateway", "omero.client", "omero.util", "omero
 class OmeroConnectionLost(ConicQPError):
     """The connection to the server dropped (or timed out); the work can be retried."""
 
+    #: :func:`conic_qp.cohort.run_slide_job` marks the slide's failure as retryable
+    retryable = True
+
 
 # ------------------------------------------------------------------------------------ imports
 

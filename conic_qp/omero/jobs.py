@@ -1,21 +1,28 @@
 """OMERO batch jobs: images by id / dataset / project / plate -> model -> results back on OMERO.
 
-:func:`run_omero_image` is the whole work of one image (open, predict, compose, write back,
-record), callable from any job runner; :func:`run_omero_images` is the simple in-process loop
-over a batch that records failures per image. Local outputs go to an output folder exactly as
-``conic-qp predict`` writes them (``<stem>.nuclei.parquet``, ``.geojson.gz``, ``.run.json``),
-plus ``<stem>.omero.json``, written last, recording what went to the server: with ``resume``
-an image whose record matches the model and write options is skipped, and an image whose
-prediction finished but whose upload failed is only uploaded again.
+:func:`run_omero_images` runs a batch as a cohort (:func:`conic_qp.cohort.run_cohort`): the
+client looks every image up, refuses what it cannot write and reads its ROIs; one
+:class:`~conic_qp.cohort.SlideJob` per image, naming it by ``omero://host:port/image/ID`` only
+(no credentials), is predicted by :func:`run_omero_job` in this process or on Dask workers,
+which open the image through the ``omero`` scheme with a login of their own; the client then
+uploads each finished image through :class:`~conic_qp.omero.sinks.OmeroSink`, one at a time.
+
+Local outputs go to an output folder exactly as ``conic-qp predict`` writes them
+(``<stem>.nuclei.parquet``, ``.geojson.gz``, ``.run.json``), plus ``<stem>.omero.json``,
+written last, recording what went to the server: with ``resume`` an image whose record matches
+the model and write options is skipped, and an image whose prediction finished but whose upload
+failed is only uploaded again.
 
 A dropped connection (:class:`~conic_qp.omero.connection.OmeroConnectionLost`) is retried
-``retries`` times after logging in again; a prediction that finished is not run twice.
+``retries`` times after logging in again, in the prediction and in the upload; a prediction
+that finished is not run twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import datetime
+import functools
 import json
 import logging
 import os
@@ -26,29 +33,19 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 import shapely
 
 from conic_qp.errors import ConicQPError, option, render
-from conic_qp.omero.connection import OmeroConnection, OmeroConnectionLost
+from conic_qp.omero.connection import OmeroConnection
 from conic_qp.omero.refs import OmeroRef
-from conic_qp.omero.results import (
-    WriteOptions,
-    check_writable,
-    image_group,
-    write_image_results,
-)
+from conic_qp.omero.results import WriteOptions, check_writable, image_group
 from conic_qp.outputs import MANIFEST_FILE
-from conic_qp.predict import (
-    ModelSet,
-    PredictSettings,
-    Progress,
-    is_complete,
-    output_paths,
-    predict_slide,
-)
+from conic_qp.predict import ModelSet, PredictSettings, Progress, is_complete, output_paths
+
+if TYPE_CHECKING:
+    from conic_qp.cohort import ModelSpec, Runner, SlideJob, SlideResult
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +56,9 @@ __all__ = [
     "expand_refs",
     "image_stem",
     "load_omero_cohort",
-    "run_omero_image",
     "run_omero_images",
+    "run_omero_job",
+    "run_omero_job_task",
 ]
 
 RECORD_FORMAT = "conic-qp omero upload"
@@ -228,120 +226,69 @@ def _images_of(gw: Any, ref: OmeroRef) -> list[int]:
     return out
 
 
-# ------------------------------------------------------------------------------- one image
+# ------------------------------------------------------------------------------- the batch
 
 
-def run_omero_image(
-    connection: OmeroConnection,
-    image_id: int,
-    models: ModelSet,
-    settings: PredictSettings,
-    out_dir: str | os.PathLike[str],
+def run_omero_job(
+    job: SlideJob,
+    models: ModelSet | None = None,
     *,
-    write: WriteOptions,
-    mpp: float | None = None,
-    force_mpp: bool = False,
-    roi: shapely.Geometry | None = None,
-    regions: Regions = "rois",
-    inside_rois: bool = False,
-    resume: bool = False,
     retries: int = 1,
     executor: Executor | None = None,
     on_progress: ProgressCallback | None = None,
-) -> OmeroImageResult:
-    """Run one OMERO image end to end and write its results back.
+    worker: str | None = None,
+) -> SlideResult:
+    """Predict one OMERO image (:func:`conic_qp.cohort.run_slide_job`), logging in again and
+    rerunning it up to ``retries`` times when the connection drops. Runs wherever the job
+    runs: the connection is this process's (:func:`conic_qp.omero.source.open_ref`: the one
+    the client registered, or on a worker a login from the worker's own environment)."""
+    from conic_qp.cohort import run_slide_job
+    from conic_qp.omero.refs import parse_ref
+    from conic_qp.omero.source import _connection_for
 
-    Parameters
-    ----------
-    connection : an open :class:`OmeroConnection` (reconnected on a dropped connection).
-    image_id : the OMERO image.
-    models, settings : as for :func:`conic_qp.predict.predict_slide`.
-    out_dir : local output folder (kept for ``resume`` and as a local copy of the results).
-    write : what goes to OMERO.
-    mpp : level-0 um/px when OMERO has no pixel size (``--mpp``).
-    force_mpp : accept an ``mpp`` outside 0.1-2 um/px (``--force-mpp``).
-    roi : level-0 geometry to run inside (``--roi``).
-    regions : ``"rois"``: the image's OMERO ROIs are composition regions; ``"none"``: the whole
-        tissue only.
-    inside_rois : run only inside the image's ROIs (when it has any).
-    resume : skip an image whose upload record matches; reuse a finished local prediction.
-    retries : new logins and attempts after a dropped connection.
-
-    Raises
-    ------
-    ConicQPError
-        Bad input or a server failure after the retries; nothing half-written stays linked to
-        the image.
-    """
-    host, port = connection.credentials.host, connection.credentials.port
-    stem = image_stem(host, image_id)
-    paths = output_paths(out_dir, stem)
-    ref = OmeroRef("image", int(image_id), host, port).uri
-    name = f"image {image_id}"
-    if resume and uploaded(out_dir, stem, models.fingerprint, write):
-        rec = _read_json(record_path(out_dir, stem))
-        log.info("image %d: already uploaded (resume), skipped", image_id)
-        return OmeroImageResult(
-            int(image_id),
-            str(rec.get("name") or name),
-            "skipped",
-            int(rec.get("n_nuclei") or 0),
-            outputs=paths,
-        )
     attempt = 0
     while True:
         attempt += 1
+        res = run_slide_job(job, models, executor=executor, on_progress=on_progress, worker=worker)
+        res.attempts = attempt
+        if res.status != "failed" or not res.extra.get("retryable") or attempt > retries:
+            return res
+        log.warning("%s: %s; logging in again (attempt %d)", job.ref.name, res.message(),
+                    attempt + 1)  # fmt: skip
+        parsed = parse_ref(job.ref.location)
         try:
-            result = _run_once(
-                connection,
-                int(image_id),
-                models,
-                settings,
-                Path(out_dir),
-                stem,
-                ref,
-                write=write,
-                mpp=mpp,
-                force_mpp=force_mpp,
-                roi=roi,
-                regions=regions,
-                inside_rois=inside_rois,
-                reuse=resume or attempt > 1,
-                executor=executor,
-                on_progress=on_progress,
-            )
-            result.attempts = attempt
-            return result
-        except OmeroConnectionLost as exc:
-            if attempt > retries:
-                raise
-            log.warning("image %d: %s; logging in again (attempt %d)", image_id, exc, attempt + 1)
-            connection.reconnect()
+            _connection_for(parsed.host, parsed.port).reconnect()
+        except ConicQPError as exc:
+            log.error("%s: %s", job.ref.name, exc)
+            return res
 
 
-def _run_once(
+def run_omero_job_task(job: SlideJob, retries: int = 1) -> SlideResult:
+    """A Dask task: :func:`run_omero_job` on this worker (models from the worker's cache)."""
+    from conic_qp.cluster import worker_name
+
+    return run_omero_job(job, retries=retries, worker=worker_name())
+
+
+@dataclass
+class _Planned:
+    image_id: int
+    name: str
+    regions: list[Any]
+    job: SlideJob
+
+
+def _plan_image(
     connection: OmeroConnection,
     image_id: int,
-    models: ModelSet,
-    settings: PredictSettings,
-    out_dir: Path,
-    stem: str,
-    ref: str,
+    job: SlideJob,
     *,
-    write: WriteOptions,
-    mpp: float | None,
-    force_mpp: bool,
-    roi: shapely.Geometry | None,
     regions: Regions,
     inside_rois: bool,
-    reuse: bool,
-    executor: Executor | None,
-    on_progress: ProgressCallback | None,
-) -> OmeroImageResult:
+) -> _Planned:
+    """Look the image up, refuse what cannot be written, read its ROIs: in the client, before
+    any prediction (hours of it must not end in "no permission to annotate")."""
     from conic_qp.omero.regions import read_image_regions
-    from conic_qp.omero.source import OmeroSource
-    from conic_qp.sinks import write_json_atomic
-    from conic_qp.sinks.tables import read_table
 
     gw = connection.gateway
     server = connection.server
@@ -356,107 +303,15 @@ def _run_once(
             "permission to see it; check the id" + (f" and {option('group')}" if where else "")
         )
     name = f"{image.getName()} [image {image_id}]"
-    paths = output_paths(out_dir, stem)
     check_writable(image, server)
     with image_group(gw, image):
         region_list = read_image_regions(gw, image_id, server) if regions == "rois" else []
-        run_roi = roi
-        if inside_rois and region_list:
-            union = shapely.union_all([r.geometry for r in region_list])
-            run_roi = union if run_roi is None else shapely.intersection(run_roi, union)
-        if not (reuse and is_complete(paths["run"], models.fingerprint)):
-            with OmeroSource(
-                gw, image, mpp=mpp, force_mpp=force_mpp, server=server, name=name
-            ) as source:
-                predict_slide(
-                    source,
-                    models,
-                    settings,
-                    out_dir,
-                    on_progress,
-                    run_roi,
-                    executor=executor,
-                    stem=stem,
-                    slide_path=ref,
-                    image_id=ref,
-                )
-        else:
-            log.info("image %d: prediction already complete, uploading it", image_id)
-        run = _read_json(paths["run"])
-        table = read_table(paths["table"])
-        summary = composition_summary(table, region_list, run, name)
-        meta = _provenance(run, ref)
-        written = write_image_results(
-            gw,
-            image_id,
-            table,
-            paths["geojson"] if write.attachment else None,
-            summary if write.map else None,
-            write,
-            metadata=meta,
-            server=server,
-        )
-    record = {
-        "format": RECORD_FORMAT,
-        "complete": True,
-        "image": ref,
-        "name": name,
-        "fingerprint": models.fingerprint,
-        "write": write.to_json(),
-        "n_nuclei": len(table),
-        "n_regions": len(region_list),
-        "written": written.to_json(),
-        "created": meta["created"],
-    }
-    write_json_atomic(record_path(out_dir, stem), record)
-    return OmeroImageResult(
-        image_id,
-        name,
-        "done",
-        len(table),
-        len(region_list),
-        dict(paths),
-        written.to_json(),
-    )
-
-
-def _provenance(run: dict[str, Any], ref: str) -> dict[str, Any]:
-    from conic_qp import __version__
-
-    slide = run.get("slide") or {}
-    models = run.get("models") or []
-    model = models[0].get("path") if len(models) == 1 and isinstance(models[0], dict) else None
-    return {
-        "format": "conic-qp nucleus table",
-        "version": 1,
-        "image": ref,
-        "mpp": slide.get("mpp"),
-        "dimensions": slide.get("dimensions"),
-        "tissue_area_px": run.get("tissue_area_px"),
-        "roi_area_px": run.get("roi_area_px"),
-        "model": str(model) if model else f"{len(models)}-model ensemble",
-        "fingerprint": run.get("fingerprint"),
-        "conic_qp_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def composition_summary(
-    table: pd.DataFrame, regions: Sequence[Any], run: dict[str, Any], name: str
-) -> pd.DataFrame:
-    """Summary rows (``conic_qp.composition.summary_table``): the whole run area, then each
-    region (centroid rule)."""
-    from conic_qp.composition import composition_table, summary_table, whole_region
-
-    classes = table.attrs["classes"]
-    mpp = float((table.attrs.get("conic_qp") or {}).get("mpp") or run["slide"]["mpp"])
-    area = run.get("roi_area_px") or run.get("tissue_area_px")
-    regs = [whole_region(float(area) if area else None), *regions]
-    tidy = composition_table(table, regs, classes.names, slide=name, mpp=mpp)
-    return summary_table(tidy, classes.names)
-
-
-# --------------------------------------------------------------------------------- the batch
+    run_roi = job.roi
+    if inside_rois and region_list:
+        union = shapely.union_all([r.geometry for r in region_list])
+        run_roi = union if run_roi is None else shapely.intersection(run_roi, union)
+    ref = dataclasses.replace(job.ref, name=name)
+    return _Planned(image_id, name, region_list, dataclasses.replace(job, ref=ref, roi=run_roi))
 
 
 def run_omero_images(
@@ -475,92 +330,130 @@ def run_omero_images(
     resume: bool = False,
     retries: int = 1,
     on_progress: ProgressCallback | None = None,
+    runner: Runner | None = None,
+    model_spec: ModelSpec | None = None,
 ) -> OmeroBatchResult:
     """Run every image of ``refs``; a failed image is recorded and the batch goes on.
 
-    The images are one cohort (:func:`conic_qp.cohort.run_cohort`: the loop every command
-    uses, with its manifest ``<out_dir>/manifest.parquet``): each is a
-    :class:`~conic_qp.cohort.SlideJob` whose task is :func:`run_omero_image` on this process's
-    connection (read, predict, upload, with its reconnecting retries). Writes
-    ``omero-run.json`` (server, references, per-image status; no credentials) into ``out_dir``
-    at the end.
+    Each image is a :class:`~conic_qp.cohort.SlideJob` of an ``omero://host:port/image/ID``
+    reference (no credentials) run through :func:`conic_qp.cohort.run_cohort` (manifest
+    ``<out_dir>/manifest.parquet``). This process looks each image up, refuses what it cannot
+    write and reads its ROIs; the prediction runs on ``runner`` (default: here, on this
+    connection; a :class:`conic_qp.cluster.DaskRunner`: on the workers, which log in
+    themselves); the results go to OMERO from this process, one image at a time, through
+    :class:`~conic_qp.omero.sinks.OmeroSink`, once an image's prediction is complete.
+
+    Parameters
+    ----------
+    connection : an open :class:`OmeroConnection` (reconnected on a dropped connection).
+    refs : images, datasets, projects, plates.
+    models, settings : as for :func:`conic_qp.predict.predict_slide`.
+    out_dir : local output folder (kept for ``resume`` and as a local copy of the results).
+    write : what goes to OMERO.
+    mpp : level-0 um/px when OMERO has no pixel size.
+    force_mpp : accept an ``mpp`` outside 0.1-2 um/px.
+    roi : level-0 geometry to run inside.
+    regions : ``"rois"``: the image's OMERO ROIs are composition regions; ``"none"``: the whole
+        tissue only.
+    inside_rois : run only inside the image's ROIs (when it has any).
+    resume : skip an image whose upload record matches; reuse a finished local prediction.
+    retries : new logins and attempts after a dropped connection (prediction and upload).
+    runner : where predictions run (default: this process).
+    model_spec : what a cluster's workers load (default: the checkpoints of ``models``).
+
+    Writes ``omero-run.json`` (server, references, per-image status; no credentials) into
+    ``out_dir`` at the end.
     """
-    from conic_qp.cohort import InProcessRunner, SlideJob, SlideResult, run_cohort
+    from conic_qp.cohort import (
+        InProcessRunner,
+        Manifest,
+        ModelSpec,
+        SlideJob,
+        SlideResult,
+        run_cohort,
+    )
+    from conic_qp.omero.sinks import OmeroSink
+    from conic_qp.omero.source import register_connection, unregister_connection
     from conic_qp.sinks import write_json_atomic
     from conic_qp.sources import SlideRef
 
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
     ids = expand_refs(connection, refs)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     host, port = connection.credentials.host, connection.credentials.port
-    jobs = [
-        SlideJob(
-            SlideRef("omero", OmeroRef("image", iid, host, port).uri, name=f"image {iid}"),
-            os.fspath(out_dir),
-            image_stem(host, iid),
-            settings,
-            roi=roi,
-            mpp=mpp,
-        )
-        for iid in ids
-    ]
-    by_key = {job.key: iid for job, iid in zip(jobs, ids, strict=True)}
+    remote = runner is not None and not isinstance(runner, InProcessRunner)
+    spec = (model_spec or ModelSpec.from_models(models, settings.device)) if remote else None
+    if runner is None:
+        runner = InProcessRunner(models, task=functools.partial(run_omero_job, retries=retries))
+    sink = OmeroSink(connection, write, retries=retries)
+    book = Manifest.load(out / MANIFEST_FILE, models.fingerprint)
     results: dict[str, OmeroImageResult] = {}
+    planned: dict[str, _Planned] = {}
+    keys: list[str] = []
 
-    def task(
-        job: SlideJob,
-        models: ModelSet | None,
-        *,
-        executor: Executor | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> SlideResult:
-        assert models is not None
-        iid = by_key[job.key]
-        started = time.time()
+    def settle(res: SlideResult, image: OmeroImageResult) -> None:
+        results[res.key] = image
+        with contextlib.suppress(OSError):  # the record must not stop the batch
+            book.record(res)
+
+    for iid in ids:
+        ref = OmeroRef("image", iid, host, port).uri
+        stem = image_stem(host, iid)
+        keys.append(stem)
+        job = SlideJob(SlideRef("omero", ref, name=f"image {iid}"), os.fspath(out), stem,
+                       settings, spec, roi, mpp, image_id=ref, resume=resume,
+                       force_mpp=force_mpp)  # fmt: skip
+        now = time.time()
+        if resume and uploaded(out, stem, models.fingerprint, write):
+            rec = _read_json(record_path(out, stem))
+            log.info("image %d: already uploaded (resume), skipped", iid)
+            name = str(rec.get("name") or f"image {iid}")
+            image = OmeroImageResult(iid, name, "skipped", int(rec.get("n_nuclei") or 0),
+                                     int(rec.get("n_regions") or 0), output_paths(out, stem))  # fmt: skip
+            settle(SlideResult(stem, job.ref, "skipped", n_nuclei=image.n_nuclei, started=now,
+                               finished=now), image)  # fmt: skip
+            continue
         try:
-            res = run_omero_image(
-                connection, iid, models, settings, out_dir, write=write, mpp=mpp,
-                force_mpp=force_mpp, roi=roi, regions=regions, inside_rois=inside_rois,
-                resume=resume, retries=retries, executor=executor, on_progress=on_progress,
-            )  # fmt: skip
-            error = None
+            planned[stem] = _plan_image(connection, iid, job, regions=regions,
+                                        inside_rois=inside_rois)  # fmt: skip
         except ConicQPError as exc:
             log.error("image %d: %s", iid, exc)
-            res, error = (
-                OmeroImageResult(iid, f"image {iid}", "failed", error=str(exc)),
-                exc.template,
-            )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # one broken image must not stop the batch
-            log.exception("image %d failed", iid)
-            res = OmeroImageResult(
-                iid, f"image {iid}", "failed", error=f"{type(exc).__name__}: {exc}"
-            )
-            error = res.error
-        results[job.key] = res
-        return SlideResult(
-            job.key,
-            dataclasses.replace(job.ref, name=res.name),
-            res.status,
-            outputs=dict(res.outputs) if res.status != "failed" else {},
-            n_nuclei=res.n_nuclei,
-            error=error,
-            started=started,
-            finished=time.time(),
-            attempts=res.attempts,
-            extra={"written": res.written, "n_regions": res.n_regions},
-        )
+            settle(
+                SlideResult(stem, job.ref, "failed", error=exc.template, started=now,
+                            finished=time.time()),
+                OmeroImageResult(iid, f"image {iid}", "failed", error=str(exc),
+                                 error_template=exc.template),
+            )  # fmt: skip
 
-    run_cohort(
-        jobs,
-        runner=InProcessRunner(models, task=task),
-        models=models,
-        manifest=Path(out_dir) / MANIFEST_FILE,
-        on_progress=on_progress,
-    )
-    batch = OmeroBatchResult([results[job.key] for job in jobs if job.key in results])
+    def deliver(res: SlideResult) -> SlideResult:
+        plan = planned[res.key]
+        res = dataclasses.replace(res, ref=plan.job.ref)
+        image = _deliver(plan, res, sink, models, out)
+        results[res.key] = image
+        if image.status == "failed":
+            error = image.error_template or image.error
+            return dataclasses.replace(res, status="failed", error=error)
+        extra = {"written": image.written, "n_regions": image.n_regions}
+        return dataclasses.replace(res, status="done", n_nuclei=image.n_nuclei, extra=extra)
+
+    register_connection(connection)
+    try:
+        run_cohort(
+            [p.job for p in planned.values()],
+            runner=runner,
+            models=models,
+            manifest=book,
+            on_result=deliver,
+            on_progress=on_progress,
+        )
+    finally:
+        unregister_connection(connection)
+        sink.close(True)
+    batch = OmeroBatchResult([results[k] for k in keys if k in results])
     write_json_atomic(
-        Path(out_dir) / BATCH_FILE,
+        out / BATCH_FILE,
         {
             "format": "conic-qp omero batch",
             "server": connection.server,
@@ -571,6 +464,53 @@ def run_omero_images(
         },
     )
     return batch
+
+
+def _deliver(
+    plan: _Planned, res: SlideResult, sink: Any, models: ModelSet, out: Path
+) -> OmeroImageResult:
+    """Upload one predicted image through the sink and record it; failures become results."""
+    from conic_qp.sinks import write_json_atomic
+    from conic_qp.sinks.detections import Detections
+
+    iid, name = plan.image_id, plan.name
+    if res.status not in ("done", "skipped"):  # failed, or no tissue: nothing to upload
+        return OmeroImageResult(iid, name, "failed", error=res.message(),
+                                attempts=res.attempts, error_template=res.error)  # fmt: skip
+    if res.status == "skipped":
+        log.info("image %d: prediction already complete, uploading it", iid)
+    paths = output_paths(out, plan.job.stem)
+    try:
+        delivery = sink.write(
+            Detections(str(iid), name, paths["table"], models.classes, tuple(plan.regions),
+                       object_type=plan.job.settings.object_type, outputs=paths)
+        )  # fmt: skip
+    except ConicQPError as exc:
+        log.error("image %d: %s", iid, exc)
+        return OmeroImageResult(iid, name, "failed", error=str(exc), attempts=res.attempts,
+                                error_template=exc.template)  # fmt: skip
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # one broken image must not stop the batch
+        log.exception("image %d: writing the results failed", iid)
+        error = f"{type(exc).__name__}: {exc}"
+        return OmeroImageResult(iid, name, "failed", error=error, attempts=res.attempts)
+    n_nuclei = int(delivery.counts_by_parent.get(None, res.n_nuclei))
+    record = {
+        "format": RECORD_FORMAT,
+        "complete": True,
+        "image": plan.job.ref.uri,
+        "name": name,
+        "fingerprint": models.fingerprint,
+        "write": sink.options.to_json(),
+        "n_nuclei": n_nuclei,
+        "n_regions": len(plan.regions),
+        "written": delivery.record,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(record_path(out, plan.job.stem), record)
+    return OmeroImageResult(iid, name, "done", n_nuclei, len(plan.regions), dict(paths),
+                            dict(delivery.record), attempts=res.attempts)  # fmt: skip
 
 
 def load_omero_cohort(

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +62,7 @@ __all__ = [
     "composition_pairs",
     "omero_rgba",
     "polygon_points",
+    "remove_objects",
     "roi_batches",
     "select_roi_rows",
     "table_spec",
@@ -386,13 +387,26 @@ def make_map_annotation(pairs: Sequence[Sequence[str]], ns: str, description: st
 # -------------------------------------------------------------------------------- writing
 
 
+#: What a journal receives: OMERO class ("Roi", "OriginalFile", "Annotation") -> object ids.
+Journal = Callable[[Mapping[str, list[int]]], None]
+
+
 @dataclass
 class _Created:
-    """What this call created, for rollback."""
+    """What this call created, for rollback; ``journal`` hears every addition (and the end)."""
 
     rois: list[int] = field(default_factory=list)
     files: list[int] = field(default_factory=list)
     annotations: list[int] = field(default_factory=list)
+    journal: Journal | None = None
+
+    def as_ids(self) -> dict[str, list[int]]:
+        return {"Annotation": self.annotations, "Roi": self.rois, "OriginalFile": self.files}
+
+    def add(self, kind: str, ids: Sequence[int]) -> None:
+        self.as_ids()[kind].extend(int(i) for i in ids)
+        if self.journal is not None:
+            self.journal({k: list(v) for k, v in self.as_ids().items() if v})
 
 
 @contextlib.contextmanager
@@ -434,6 +448,7 @@ def write_image_results(
     *,
     metadata: Mapping[str, Any] | None = None,
     server: str = "the server",
+    journal: Journal | None = None,
 ) -> WrittenResults:
     """Write one image's results to OMERO (see the module docstring for order and replacing).
 
@@ -449,6 +464,10 @@ def write_image_results(
     options : what to write; see :class:`WriteOptions`.
     metadata : provenance stored with the table and in the key-value pairs (model, run time...).
     server : ``host:port`` for messages.
+    journal : called with the ids of everything created so far, after each creation, and with
+        what a failed call could not remove (``{}`` once nothing is left over): the caller keeps
+        it on disk so that the next attempt removes what a dead connection left behind
+        (:func:`remove_objects`).
 
     Raises
     ------
@@ -464,7 +483,7 @@ def write_image_results(
     meta = {**(table.attrs.get("conic_qp") or {}), **(metadata or {})}
     meta.pop("classes", None)
     done = WrittenResults(int(image_id), n_nuclei=len(table))
-    created = _Created()
+    created = _Created(journal=journal)
     with omero_errors(f"writing results to image {image_id}", server):
         image = conn.getObject("Image", int(image_id))
         if image is None:
@@ -487,7 +506,9 @@ def write_image_results(
                     done,
                 )
             except BaseException:
-                _rollback(conn, created)
+                left = remove_objects(conn, created.as_ids())
+                if journal is not None:
+                    journal(left)
                 raise
             if options.replace:
                 _delete_previous(conn, image, created, done)
@@ -542,7 +563,7 @@ def _create_all(
             ]
             saved = update.saveAndReturnArray(batch, ctx)
             ids = [int(r.getId().getValue()) for r in saved]
-            created.rois.extend(ids)
+            created.add("Roi", ids)
             roi_ids[rows[sl]] = ids
         done.roi_ids = list(created.rois)
     annotations: list[tuple[str, Any]] = []
@@ -565,7 +586,7 @@ def _create_all(
             desc=f"conic-qp nuclei as QuPath GeoJSON ({stamp})",
         )
         fa_id = int(fa.getId())
-        created.annotations.append(fa_id)
+        created.add("Annotation", [fa_id])
         done.annotation_ids.setdefault("geojson", []).append(fa_id)
     # 4. key-value pairs: the whole image, then each region
     if options.map and composition is not None and len(composition):
@@ -587,7 +608,7 @@ def _create_all(
         saved = update.saveAndReturnArray([a for _, a in annotations], ctx)
         for (kind, _), ann in zip(annotations, saved, strict=True):
             aid = int(ann.getId().getValue())
-            created.annotations.append(aid)
+            created.add("Annotation", [aid])
             done.annotation_ids.setdefault(kind, []).append(aid)
     # 5. one transaction makes everything visible at once
     links = []
@@ -628,7 +649,7 @@ def _write_table(
         raise ConicQPError("OMERO.tables is not running on the server; ask its administrator")
     try:
         fid = int(handle.getOriginalFile(ctx).getId().getValue())
-        created.files.append(fid)
+        created.add("OriginalFile", [fid])
         handle.initialize(build_columns(specs, None, image_id), ctx)
         info = {"classes": classes.to_json(), **meta}
         handle.setAllMetadata(
@@ -646,25 +667,28 @@ def _write_table(
     return fid
 
 
-def _rollback(conn: Any, created: _Created) -> None:
-    """Delete what a failed call created; never masks the original error."""
-    for kind, ids in (
-        ("Annotation", created.annotations),
-        ("Roi", created.rois),
-        ("OriginalFile", created.files),
-    ):
+def remove_objects(conn: Any, objects: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Delete the objects of a failed upload (a rollback, or a journal of an interrupted one);
+    returns those that could not be deleted. Never raises: the connection may be gone, and the
+    first error is the one to report."""
+    left: dict[str, list[int]] = {}
+    for kind in ("Annotation", "Roi", "OriginalFile"):
+        ids = [int(i) for i in objects.get(kind) or ()]
         if not ids:
             continue
         try:
-            conn.deleteObjects(kind, list(ids), wait=True)
-            log.info("rolled back %d %s object(s)", len(ids), kind)
+            conn.deleteObjects(kind, ids, wait=True)
+            log.info("removed %d partial %s object(s)", len(ids), kind)
         except Exception as exc:  # the connection may be gone: report, keep the first error
             log.warning(
-                "could not remove %d partial %s object(s) (%s); they are not linked to the image",
+                "could not remove %d partial %s object(s) (%s); they are not linked to the "
+                "image and the next attempt removes them",
                 len(ids),
                 kind,
                 type(exc).__name__,
             )
+            left[kind] = ids
+    return left
 
 
 def previous_results(conn: Any, image: Any) -> dict[str, list[int]]:

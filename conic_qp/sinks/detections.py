@@ -3,20 +3,22 @@
 ``conic-qp annotate`` (and OMERO jobs) compute an image's nuclei into a table first, then hand
 them to a :class:`DetectionSink`: a QuPath project through GeoJSON files and the Groovy import
 script (:class:`conic_qp.qupath.sinks.GeoJSONProjectSink`), a QuPath project through paquo
-(:class:`conic_qp.qupath.sinks.PaquoSink`), or an OMERO server. The caller does not know which:
+(:class:`conic_qp.qupath.sinks.PaquoSink`), or an OMERO server
+(:class:`conic_qp.omero.sinks.OmeroSink`). The caller does not know which:
 it opens the sink once, writes image after image (sequentially, in one process: a paquo project
 is written through one JVM, a QuPath project under one lock), and closes it.
 
-Every sink places each detection below the region QuPath would make its parent
-(:func:`conic_qp.regions.parent_regions`), replaces the detections conic-qp wrote there before
-(never the user's) and writes atomically.
+Every sink replaces the detections conic-qp wrote there before (never the user's) and writes
+atomically; the QuPath sinks place each detection below the region QuPath would make its parent
+(:func:`conic_qp.regions.parent_regions`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from conic_qp.classes import ClassScheme
@@ -38,6 +40,8 @@ class Detections:
     regions : the image's annotations; detections go below the one holding them.
     add_regions : the destination lacks these regions (they came from files): add them too.
     object_type : ``"detection"`` or ``"cell"``.
+    outputs : the image's other prediction outputs by kind (``run``, ``geojson``: what
+        :func:`conic_qp.predict.output_paths` names), for sinks that upload more than the table.
     """
 
     key: str
@@ -47,16 +51,19 @@ class Detections:
     regions: tuple[Region, ...] = ()
     add_regions: bool = False
     object_type: str = "detection"
+    outputs: Mapping[str, Path] = field(default_factory=dict, compare=False)
 
 
 @dataclass
 class Delivery:
     """What a sink wrote for one image: files, and detections per parent region id (None:
-    outside every region, at the root), and how many earlier conic-qp detections it replaced."""
+    outside every region, at the root), how many earlier conic-qp detections it replaced, and
+    what the destination reports (``record``: e.g. the OMERO ids written; JSON-serialisable)."""
 
     outputs: dict[str, Path] = field(default_factory=dict)
     counts_by_parent: dict[str | None, int] = field(default_factory=dict)
     removed: int = 0
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

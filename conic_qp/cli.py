@@ -345,15 +345,151 @@ def tune_cmd(
     Console().print(table)
 
 
+# ------------------------------------------------------------------------ shared options
+
+
+def _options(*decorators: Any) -> Any:
+    """One decorator applying ``decorators`` in order (the first is the first in --help)."""
+
+    def apply(f: Any) -> Any:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+#: The model: checkpoints, thresholds, device and CPU runtime (predict, annotate, omero predict).
+_model_options = _options(
+    click.option("--model", "model_paths", multiple=True, metavar="CKPT",
+                 help="Checkpoint folder; repeat for an ensemble (members count as TTA passes; "
+                 "default: the bundled model)."),
+    click.option("--thresholds", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="thresholds.json overriding the checkpoint's."),
+    click.option("--device", default="auto", show_default=True,
+                 help="auto, cpu, cuda[:N] or mps."),
+    click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]),
+                 default="auto", show_default=True, envvar="CONIC_QP_RUNTIME",
+                 help="CPU inference: auto = OpenVINO, else ONNX Runtime when installed, else "
+                 "torch."),
+)  # fmt: skip
+
+#: Test-time augmentation and batching (predict, annotate, omero predict).
+_tta_options = _options(
+    click.option("--tta", "tta_passes", type=int, default=16, show_default=True,
+                 help="Test-time augmentation passes per model (paper: 16)."),
+    click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Makes TTA reproducible."),
+    click.option("--batch-size", type=int, default=2, show_default=True,
+                 help="Tiles per network step (and images per forward pass)."),
+)  # fmt: skip
+
+#: The slides' level-0 resolution when their metadata lacks it or is wrong (predict, annotate,
+#: omero predict); :func:`conic_qp.slides.check_mpp` refuses an implausible one unless forced.
+_mpp_options = _options(
+    click.option("--mpp", type=float, default=None,
+                 help="Level-0 um/px of the slides, when their metadata lacks it or is wrong."),
+    click.option("--force-mpp", is_flag=True, help="Accept an --mpp outside 0.1-2 um/px."),
+)  # fmt: skip
+
+#: Every engine setting of `predict` (also `omero predict`): the model, TTA, tiling, blending,
+#: post-processing; :func:`_predict_settings` and :func:`_engine_models` read them.
+_engine_options = _options(
+    _model_options,
+    _mpp_options,
+    _tta_options,
+    click.option("--workers", type=int, default=None,
+                 help="Post-processing processes (default: CPU cores - 1, at most 8; 0 = "
+                 "inline)."),
+    click.option("--amp/--no-amp", default=True, show_default=True,
+                 help="Mixed precision on CUDA."),
+    click.option("--compile", "compile_models", is_flag=True, help="torch.compile the networks."),
+    click.option("--tile-size", type=int, default=1024, show_default=True,
+                 help="Network tile edge (px at the model's um/px, a multiple of 32)."),
+    click.option("--overlap", type=int, default=256, show_default=True,
+                 help="Px shared by neighbouring tiles (a multiple of 32)."),
+    click.option("--window", "blend_window", type=click.Choice(["gaussian", "constant", "crop"]),
+                 default="gaussian", show_default=True,
+                 help="How overlapping tiles are blended (crop = nearest tile, no blending)."),
+    click.option("--se-window", default="160", show_default=True, metavar="PX|global",
+                 help="Squeeze-excitation window (odd multiple of 32 px) so results do not "
+                 "depend on the tiling; 'global' = as trained."),
+    click.option("--block-size", type=int, default=1024, show_default=True,
+                 help="Post-processing block (px); --block-margin of context around it."),
+    click.option("--block-margin", type=int, default=64, show_default=True,
+                 help="Context around each block (px); above the largest nucleus."),
+    click.option("--halo", type=int, default=None, hidden=True,
+                 help="Deprecated: overlap = 2 x halo."),
+    click.option("--no-tissue", is_flag=True, help="Run every tile (no tissue detection)."),
+    click.option("--save-labels", is_flag=True,
+                 help="Also write the instance label map (zarr)."),
+    click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
+                 show_default=True, help="QuPath object type in the GeoJSON."),
+)  # fmt: skip
+
+#: Where slides run (predict, annotate, omero predict).
+_cluster_options = _options(
+    click.option("--cluster", default=None, metavar="local[:N]|ADDRESS|slurm|pbs|lsf",
+                 help="Run the slides on Dask: local processes, a scheduler, or batch jobs "
+                 "(docs/cohorts.md)."),
+    click.option("--cluster-config", type=click.Path(dir_okay=False), default=None,
+                 metavar="FILE.yaml",
+                 help="Jobs for slurm/pbs/lsf: cores, memory, gpus, walltime..."),
+)  # fmt: skip
+
+
+def _predict_settings(engine: dict[str, Any]) -> Any:
+    """The PredictSettings of the :data:`_engine_options` of a command."""
+    import os
+
+    from conic_qp.predict import PredictSettings
+    from conic_qp.tta import TTAConfig
+
+    workers = engine["workers"]
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    return PredictSettings(
+        tile_size=engine["tile_size"],
+        overlap=engine["overlap"],
+        window=engine["blend_window"],
+        se_window=_parse_se_window(engine["se_window"]),
+        block_size=engine["block_size"],
+        block_margin=engine["block_margin"],
+        halo=engine["halo"],
+        batch_size=engine["batch_size"],
+        tta=TTAConfig(passes=engine["tta_passes"], mc_dropout=not engine["no_mc_dropout"]),
+        seed=engine["seed"],
+        device=engine["device"],
+        amp=engine["amp"],
+        compile=engine["compile_models"],
+        workers=workers,
+        tissue_detection=not engine["no_tissue"],
+        save_labels=engine["save_labels"],
+        object_type=engine["object_type"],
+    )
+
+
+def _engine_models(engine: dict[str, Any], spec: Any) -> Any:
+    """The model set of the :data:`_engine_options`: here with its runtime; with a cluster
+    (``spec``) on the CPU only, for classes and the fingerprint (the workers load their own)."""
+    from conic_qp.predict import load_models, resolve_device
+
+    paths = engine["model_paths"] or (_bundled_model(),)
+    runtime, compiled = engine["runtime"], engine["compile_models"]
+    dev = resolve_device("cpu" if spec is not None else engine["device"])
+    models = load_models(paths, device=dev, thresholds=engine["thresholds"])
+    if spec is None:
+        return _with_runtime(models, runtime, compiled)
+    if compiled and runtime in ("onnx", "openvino"):
+        raise ConicQPError("--compile works with --runtime torch only")
+    return models
+
+
 @main.command("annotate")
 @click.argument("project", type=click.Path(path_type=str))
-@click.option(
-    "--model",
-    "model_paths",
-    multiple=True,
-    metavar="CKPT",
-    help="Checkpoint folder; repeat for an ensemble (default: the bundled model, if any).",
-)
+@_model_options
+@_tta_options
 @click.option(
     "--images", default=None, help="Comma-separated entry ids or image names (default: all)."
 )
@@ -379,20 +515,10 @@ def tune_cmd(
     help="paquo writes into the project (needs QuPath); geojson writes files + a Groovy import.",
 )
 @click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]),
-              default="auto", show_default=True, envvar="CONIC_QP_RUNTIME",
-              help="CPU inference: auto = OpenVINO, else ONNX Runtime when installed, else torch.")  # fmt: skip
-@click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option(
     "--workers", type=int, default=2, show_default=True, help="Post-processing processes."
 )
-@click.option("--tta", type=int, default=16, show_default=True, help="Forward passes per tile.")
-@click.option("--no-mc-dropout", is_flag=True, help="Switch off dropout at inference.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--mpp", type=float, default=None, help="Level-0 um/px when the files lack it.")
-@click.option("--force-mpp", is_flag=True, help="Accept an --mpp outside 0.1-2 um/px.")
-@click.option("--thresholds", default=None, help="thresholds.json overriding the checkpoint's.")
+@_mpp_options
 @click.option("--tile-size", type=int, default=1024, show_default=True,
               help="Network tile edge (px); tiles overlap as in `predict`.")  # fmt: skip
 @click.option(
@@ -407,10 +533,7 @@ def tune_cmd(
     show_default=True,
     help="Most detections per GeoJSON file QuPath reads at once (geojson backend).",
 )
-@click.option("--cluster", default=None, metavar="local[:N]|ADDRESS|slurm|pbs|lsf",
-              help="Run inference on Dask (detections are still written here, in order).")  # fmt: skip
-@click.option("--cluster-config", type=click.Path(dir_okay=False), default=None,
-              metavar="FILE.yaml", help="Jobs for slurm/pbs/lsf: cores, memory, gpus, walltime...")  # fmt: skip
+@_cluster_options
 @click.option("--list", "list_only", is_flag=True, help="List the project's images and exit.")
 def annotate_cmd(
     project: str,
@@ -425,7 +548,7 @@ def annotate_cmd(
     runtime: str,
     batch_size: int,
     workers: int,
-    tta: int,
+    tta_passes: int,
     no_mc_dropout: bool,
     seed: int,
     mpp: float | None,
@@ -469,7 +592,7 @@ def annotate_cmd(
     settings = PredictSettings(
         tile_size=tile_size,
         batch_size=batch_size,
-        tta=TTAConfig(passes=tta, mc_dropout=not no_mc_dropout),
+        tta=TTAConfig(passes=tta_passes, mc_dropout=not no_mc_dropout),
         seed=seed,
         device=device,
         workers=workers,
@@ -661,91 +784,26 @@ def composition_cmd(
     "-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
     help="Output folder: <slide>.nuclei.parquet, .geojson.gz, .run.json (and .labels.zarr).",
 )  # fmt: skip
-@click.option("--model", "model_paths", multiple=True, metavar="CKPT",
-              help="Checkpoint folder; repeat for an ensemble (members count as TTA passes).")  # fmt: skip
-@click.option("--thresholds", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="thresholds.json overriding the checkpoint's.")  # fmt: skip
-@click.option("--mpp", type=float, default=None,
-              help="Level-0 um/px of the slides, when their metadata lacks it or is wrong.")  # fmt: skip
-@click.option("--force-mpp", is_flag=True, help="Accept an --mpp outside 0.1-2 um/px.")
 @click.option("--roi", "rois", multiple=True, metavar="X,Y,W,H",
               help="Only this level-0 rectangle (repeatable).")  # fmt: skip
 @click.option("--roi-geojson", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Only inside these polygon annotations (level-0 px).")  # fmt: skip
-@click.option("--tta", "tta_passes", type=int, default=16, show_default=True,
-              help="Test-time augmentation passes per model (paper: 16).")  # fmt: skip
-@click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Makes TTA reproducible.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N] or mps.")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]),
-              default="auto", show_default=True, envvar="CONIC_QP_RUNTIME",
-              help="CPU inference: auto = OpenVINO, else ONNX Runtime when installed, else torch.")  # fmt: skip
-@click.option("--batch-size", type=int, default=2, show_default=True,
-              help="Tiles per network step (and images per forward pass).")  # fmt: skip
-@click.option("--workers", type=int, default=None,
-              help="Post-processing processes (default: CPU cores - 1, at most 8; 0 = inline).")  # fmt: skip
-@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
-@click.option("--compile", "compile_models", is_flag=True, help="torch.compile the networks.")
-@click.option("--tile-size", type=int, default=1024, show_default=True,
-              help="Network tile edge (px at the model's um/px, a multiple of 32).")  # fmt: skip
-@click.option("--overlap", type=int, default=256, show_default=True,
-              help="Px shared by neighbouring tiles (a multiple of 32).")  # fmt: skip
-@click.option("--window", "blend_window", type=click.Choice(["gaussian", "constant", "crop"]),
-              default="gaussian", show_default=True,
-              help="How overlapping tiles are blended (crop = nearest tile, no blending).")  # fmt: skip
-@click.option("--se-window", default="160", show_default=True, metavar="PX|global",
-              help="Squeeze-excitation window (odd multiple of 32 px) so results do not depend "
-              "on the tiling; 'global' = as trained.")  # fmt: skip
-@click.option("--block-size", type=int, default=1024, show_default=True,
-              help="Post-processing block (px); --block-margin of context around it.")  # fmt: skip
-@click.option("--block-margin", type=int, default=64, show_default=True,
-              help="Context around each block (px); above the largest nucleus.")  # fmt: skip
-@click.option("--halo", type=int, default=None, hidden=True,
-              help="Deprecated: overlap = 2 x halo.")  # fmt: skip
-@click.option("--no-tissue", is_flag=True, help="Run every tile (no tissue detection).")
-@click.option("--save-labels", is_flag=True, help="Also write the instance label map (zarr).")
-@click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
-              show_default=True, help="QuPath object type in the GeoJSON.")  # fmt: skip
+@_engine_options
 @click.option("--resume", is_flag=True, help="Skip slides already complete for this model.")
-@click.option("--cluster", default=None, metavar="local[:N]|ADDRESS|slurm|pbs|lsf",
-              help="Run the slides on Dask: local processes, a scheduler, or batch jobs.")  # fmt: skip
-@click.option("--cluster-config", type=click.Path(dir_okay=False), default=None,
-              metavar="FILE.yaml", help="Jobs for slurm/pbs/lsf: cores, memory, gpus, walltime...")  # fmt: skip
+@_cluster_options
 @click.option("--strict", is_flag=True, help="Exit 1 also when a slide has no tissue.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 def predict_cmd(
     inputs: tuple[str, ...],
     out_dir: str,
-    model_paths: tuple[str, ...],
-    thresholds: str | None,
-    mpp: float | None,
-    force_mpp: bool,
     rois: tuple[str, ...],
     roi_geojson: str | None,
-    tta_passes: int,
-    no_mc_dropout: bool,
-    seed: int,
-    device: str,
-    runtime: str,
-    batch_size: int,
-    workers: int | None,
-    amp: bool,
-    compile_models: bool,
-    tile_size: int,
-    overlap: int,
-    blend_window: str,
-    se_window: str,
-    block_size: int,
-    block_margin: int,
-    halo: int | None,
-    no_tissue: bool,
-    save_labels: bool,
-    object_type: str,
     resume: bool,
     cluster: str | None,
     cluster_config: str | None,
     strict: bool,
     quiet: bool,
+    **engine: Any,
 ) -> None:
     """Segment and classify nuclei in whole slides.
 
@@ -755,28 +813,18 @@ def predict_cmd(
     recorded with status no_tissue (exit code 0 unless --strict). With --cluster slides run as Dask
     tasks (local processes, an existing scheduler, or SLURM/PBS/LSF jobs; docs/cohorts.md).
     """
-    import os
-
     from conic_qp.cohort import predict_paths
-    from conic_qp.predict import (
-        PredictSettings,
-        load_models,
-        resolve_device,
-        roi_from_boxes,
-        roi_from_geojson,
-    )
+    from conic_qp.predict import roi_from_boxes, roi_from_geojson
     from conic_qp.slides import check_mpp
     from conic_qp.sources import expand_refs
-    from conic_qp.tta import TTAConfig
 
+    mpp, force_mpp = engine["mpp"], engine["force_mpp"]
     if mpp is not None:
         check_mpp(mpp, force=force_mpp)  # bad options: exit 2 before anything is read or written
     refs, missing = expand_refs(inputs)
     if not refs:
         first = next(iter(missing.values()), "no input given")
         raise ConicQPError(f"no slide to run: {first}")
-    if not model_paths:
-        model_paths = (_bundled_model(),)
     roi = None
     if rois or roi_geojson:
         boxes = [_parse_roi(text) for text in rois]
@@ -787,36 +835,11 @@ def predict_cmd(
 
         roi = shapely.union_all(parts)
     spec = _cluster_spec(cluster, cluster_config)
-    if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-    settings = PredictSettings(
-        tile_size=tile_size,
-        overlap=overlap,
-        window=blend_window,  # type: ignore[arg-type]
-        se_window=_parse_se_window(se_window),
-        block_size=block_size,
-        block_margin=block_margin,
-        halo=halo,
-        batch_size=batch_size,
-        tta=TTAConfig(passes=tta_passes, mc_dropout=not no_mc_dropout),
-        seed=seed,
-        device=device,
-        amp=amp,
-        compile=compile_models,
-        workers=workers,
-        tissue_detection=not no_tissue,
-        save_labels=save_labels,
-        object_type=object_type,  # type: ignore[arg-type]
-    )
+    settings = _predict_settings(engine)
     # on a cluster the workers load the models; this process needs them only to check the
     # checkpoints and for the fingerprint --resume compares
-    dev = resolve_device("cpu" if spec is not None else device)
-    models = load_models(model_paths, device=dev, thresholds=thresholds)
-    if spec is None:
-        models = _with_runtime(models, runtime, compile_models)
-    elif compile_models and runtime in ("onnx", "openvino"):
-        raise ConicQPError("--compile works with --runtime torch only")
-
+    models = _engine_models(engine, spec)
+    device = engine["device"]
     if spec is None:
         with _PredictProgress(len(refs), disabled=quiet) as progress:
             batch = predict_paths(
@@ -833,7 +856,8 @@ def predict_cmd(
                     refs, models, settings, out_dir, progress.update, roi, mpp=mpp,
                     force_mpp=force_mpp, resume=resume,
                     runner=DaskRunner(client, retries=spec.retries),
-                    model_spec=_worker_models(models, device, runtime, compile_models),
+                    model_spec=_worker_models(models, device, engine["runtime"],
+                                              engine["compile_models"]),
                 )  # fmt: skip
     results = batch.cohort.results if batch.cohort is not None else []
     failures = {**missing, **{r.ref.label: r.message(cli_flag) for r in results if not r.ok}}
@@ -1138,6 +1162,11 @@ def _omero_target_options(f: Any) -> Any:
     return f
 
 
+#: The parameters of :func:`_omero_target_options`.
+_OMERO_TARGETS = ("refs", "images", "datasets", "projects", "plates", "qupath_project", "host",
+                  "port", "group", "session_key")  # fmt: skip
+
+
 def _omero_connection(
     refs: tuple[str, ...],
     images: tuple[str, ...],
@@ -1150,6 +1179,7 @@ def _omero_connection(
     group: str | None,
     session_key: str | None,
 ) -> tuple[Any, list[Any]]:
+    """The (not yet open) connection and the references of the :func:`_omero_target_options`."""
     from conic_qp.omero.connection import OmeroConnection, resolve_credentials
     from conic_qp.omero.refs import collect_refs
 
@@ -1188,44 +1218,13 @@ def _omero_connection(
 @click.option("--inside-rois", is_flag=True, help="Run only inside each image's ROIs (if any).")
 @click.option("--retries", type=int, default=1, show_default=True,
               help="New logins and attempts of an image after a dropped connection.")  # fmt: skip
-@click.option("--model", "model_paths", multiple=True, metavar="CKPT",
-              help="Checkpoint folder; repeat for an ensemble.")  # fmt: skip
-@click.option("--thresholds", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="thresholds.json overriding the checkpoint's.")  # fmt: skip
-@click.option("--mpp", type=float, default=None,
-              help="Level-0 um/px when OMERO has no pixel size (or a wrong one).")  # fmt: skip
-@click.option("--force-mpp", is_flag=True, help="Accept an --mpp outside 0.1-2 um/px.")
 @click.option("--roi", "rois", multiple=True, metavar="X,Y,W,H",
               help="Only this level-0 rectangle (repeatable).")  # fmt: skip
-@click.option("--tta", "tta_passes", type=int, default=16, show_default=True,
-              help="Test-time augmentation passes per model.")  # fmt: skip
-@click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N] or mps.")
-@click.option("--batch-size", type=int, default=2, show_default=True)
-@click.option("--workers", type=int, default=None,
-              help="Post-processing processes (default: CPU cores - 1, at most 8).")  # fmt: skip
-@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
-@click.option("--tile-size", type=int, default=1024, show_default=True,
-              help="Network tile edge (px); tiles overlap as in `predict`.")  # fmt: skip
-@click.option("--halo", type=int, default=None, hidden=True,
-              help="Deprecated: overlap = 2 x halo.")  # fmt: skip
-@click.option("--no-tissue", is_flag=True, help="Run every tile (no tissue detection).")
-@click.option("--object-type", type=click.Choice(["detection", "cell"]), default="detection",
-              show_default=True, help="QuPath object type in the GeoJSON.")  # fmt: skip
+@_engine_options
 @click.option("--resume", is_flag=True, help="Skip images already uploaded with this model.")
+@_cluster_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def omero_predict_cmd(
-    refs: tuple[str, ...],
-    images: tuple[str, ...],
-    datasets: tuple[str, ...],
-    projects: tuple[str, ...],
-    plates: tuple[str, ...],
-    qupath_project: str | None,
-    host: str | None,
-    port: int | None,
-    group: str | None,
-    session_key: str | None,
     out_dir: str,
     write: str,
     max_rois: int,
@@ -1233,24 +1232,12 @@ def omero_predict_cmd(
     regions: str,
     inside_rois: bool,
     retries: int,
-    model_paths: tuple[str, ...],
-    thresholds: str | None,
-    mpp: float | None,
-    force_mpp: bool,
     rois: tuple[str, ...],
-    tta_passes: int,
-    no_mc_dropout: bool,
-    seed: int,
-    device: str,
-    batch_size: int,
-    workers: int | None,
-    amp: bool,
-    tile_size: int,
-    halo: int | None,
-    no_tissue: bool,
-    object_type: str,
     resume: bool,
+    cluster: str | None,
+    cluster_config: str | None,
     quiet: bool,
+    **options: Any,
 ) -> None:
     """Segment and classify nuclei in OMERO images and write the results back to OMERO.
 
@@ -1258,56 +1245,48 @@ def omero_predict_cmd(
     OMERO.web links. Per image, under conic-qp namespaces: an OMERO.table (one row per
     nucleus), the QuPath GeoJSON as an attachment, key-value pairs with the composition of the
     image and of each ROI, and (with --max-rois) polygon ROIs. A failed image does not stop the
-    batch; failures are listed at the end (exit code 1).
+    batch; failures are listed at the end (exit code 1). With --cluster the predictions run on
+    Dask workers, which log in themselves (docs/omero.md); the results are written back from
+    here, one image at a time, each once it is complete.
     """
-    import os
-
     from rich.table import Table
 
     from conic_qp.omero.jobs import expand_refs, run_omero_images
     from conic_qp.omero.refs import OmeroRef
     from conic_qp.omero.results import WriteOptions
-    from conic_qp.predict import PredictSettings, load_models, resolve_device, roi_from_boxes
+    from conic_qp.predict import roi_from_boxes
     from conic_qp.slides import check_mpp
-    from conic_qp.tta import TTAConfig
 
-    options = WriteOptions.parse(write, max_rois=max_rois, replace=replace)
+    target = {k: options.pop(k) for k in _OMERO_TARGETS}
+    engine = options
+    write_options = WriteOptions.parse(write, max_rois=max_rois, replace=replace)
+    mpp, force_mpp = engine["mpp"], engine["force_mpp"]
     if mpp is not None:
         check_mpp(mpp, force=force_mpp)
     if retries < 0:
         raise ConicQPError(f"--retries must be >= 0 (got {retries})")
-    connection, targets = _omero_connection(
-        refs, images, datasets, projects, plates, qupath_project, host, port, group, session_key
-    )
+    spec = _cluster_spec(cluster, cluster_config)
+    settings = _predict_settings(engine)
     roi = roi_from_boxes([_parse_roi(t) for t in rois]) if rois else None
-    if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-    settings = PredictSettings(
-        tile_size=tile_size,
-        halo=halo,
-        batch_size=batch_size,
-        tta=TTAConfig(passes=tta_passes, mc_dropout=not no_mc_dropout),
-        seed=seed,
-        device=device,
-        amp=amp,
-        workers=workers,
-        tissue_detection=not no_tissue,
-        object_type=object_type,  # type: ignore[arg-type]
-    )
-    with connection:  # log in first: a login problem shows before the model loads
+    connection, targets = _omero_connection(**target)
+    with connection, contextlib.ExitStack() as stack:  # log in before the model loads
         console.print(f"connected to {connection.credentials}", highlight=False)
         ids = expand_refs(connection, targets)
-        models = load_models(
-            model_paths or (_bundled_model(),), device=resolve_device(device), thresholds=thresholds
-        )
-        with _PredictProgress(len(ids), disabled=quiet) as progress:
+        models = _engine_models(engine, spec)
+        runner = model_spec = None
+        if spec is not None:
+            runner, model_spec = _omero_cluster(
+                stack, spec, connection, models, engine, retries, quiet
+            )
+        bar = _PredictProgress if spec is None else _CohortProgress
+        with bar(len(ids), disabled=quiet) as progress:
             batch = run_omero_images(
                 connection,
                 [OmeroRef("image", i) for i in ids],
                 models,
                 settings,
                 out_dir,
-                write=options,
+                write=write_options,
                 mpp=mpp,
                 force_mpp=force_mpp,
                 roi=roi,
@@ -1316,6 +1295,8 @@ def omero_predict_cmd(
                 resume=resume,
                 retries=retries,
                 on_progress=progress.update,
+                runner=runner,
+                model_spec=model_spec,
             )
     table = Table(title=f"conic-qp omero predict ({connection.server})")
     for col in ("image", "name", "nuclei", "regions", "status"):
@@ -1335,27 +1316,46 @@ def omero_predict_cmd(
         sys.exit(1)
 
 
+def _omero_cluster(
+    stack: contextlib.ExitStack,
+    spec: Any,
+    connection: Any,
+    models: Any,
+    engine: dict[str, Any],
+    retries: int,
+    quiet: bool,
+) -> tuple[Any, Any]:
+    """The Dask runner of `omero predict --cluster` and what its workers load. Workers log in
+    themselves; a local cluster's get this process's session key in their environment."""
+    import functools
+
+    from conic_qp.cluster import DaskRunner, open_cluster
+    from conic_qp.omero.jobs import local_worker_env, run_omero_job_task
+
+    env = local_worker_env(connection) if spec.kind == "local" else {}
+    if spec.kind != "local" and not quiet:
+        console.print(
+            "cluster workers log in to OMERO themselves: give them OMERO_SESSION_KEY (or "
+            "OMERO_USER/OMERO_PASSWORD) in their environment or an `omero login` session "
+            "(docs/omero.md)",
+            highlight=False,
+        )
+    client = stack.enter_context(open_cluster(spec, device=engine["device"], worker_env=env))
+    _print_cluster(client, spec, quiet)
+    task = functools.partial(run_omero_job_task, retries=retries)
+    runner = DaskRunner(client, retries=spec.retries, task=task)
+    return runner, _worker_models(
+        models, engine["device"], engine["runtime"], engine["compile_models"]
+    )
+
+
 @omero_group.command("composition")
 @_omero_target_options
 @click.option("-o", "--output", required=True, metavar="TABLE.csv", help="Tidy table (CSV).")
 @click.option("--regions", type=click.Choice(["rois", "none"]), default="rois", show_default=True,
               help="Count per OMERO ROI, or over the whole area each run covered.")  # fmt: skip
 @click.option("--report", default=None, metavar="REPORT.html", help="Also write an HTML report.")
-def omero_composition_cmd(
-    refs: tuple[str, ...],
-    images: tuple[str, ...],
-    datasets: tuple[str, ...],
-    projects: tuple[str, ...],
-    plates: tuple[str, ...],
-    qupath_project: str | None,
-    host: str | None,
-    port: int | None,
-    group: str | None,
-    session_key: str | None,
-    output: str,
-    regions: str,
-    report: str | None,
-) -> None:
+def omero_composition_cmd(output: str, regions: str, report: str | None, **target: Any) -> None:
     """Count nuclei per class in OMERO images from their conic-qp tables (centroid rule).
 
     Reads each image's OMERO.table written by `conic-qp omero predict` and its ROIs; writes the
@@ -1364,9 +1364,7 @@ def omero_composition_cmd(
     from conic_qp.composition import compose_cohort, write_composition
     from conic_qp.omero.jobs import load_omero_cohort
 
-    connection, targets = _omero_connection(
-        refs, images, datasets, projects, plates, qupath_project, host, port, group, session_key
-    )
+    connection, targets = _omero_connection(**target)
     with connection:
         slides, failures, tmp = load_omero_cohort(connection, targets, regions=regions)  # type: ignore[arg-type]
     try:

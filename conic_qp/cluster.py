@@ -311,10 +311,14 @@ def _local_gpus() -> list[int]:
 
 
 @contextlib.contextmanager
-def open_cluster(spec: ClusterSpec, *, device: str = "auto") -> Iterator[Any]:
+def open_cluster(
+    spec: ClusterSpec, *, device: str = "auto", worker_env: Mapping[str, str] | None = None
+) -> Iterator[Any]:
     """A connected :class:`distributed.Client` for ``spec``; the cluster is closed on exit.
 
-    ``device``: the run's device (``cpu`` keeps local workers off GPUs).
+    ``device``: the run's device (``cpu`` keeps local workers off GPUs). ``worker_env``: extra
+    environment of the worker processes of a **local** cluster only (handed to the processes
+    this one starts, never written to a job script; other clusters' workers have their own).
     """
     _require("distributed")
     import dask
@@ -333,7 +337,7 @@ def open_cluster(spec: ClusterSpec, *, device: str = "auto") -> Iterator[Any]:
                     len(gpus) if gpus else min(4, max(1, (os.cpu_count() or 2) // 2))
                 )
                 per_worker = max(1, (os.cpu_count() or 1) // n)
-                env = {}
+                env = dict(worker_env or {})
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
                     split = True

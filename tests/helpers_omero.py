@@ -547,3 +547,47 @@ def add_pixels(server: LoopbackServer, image: Any, store: FakeRawPixelsStore) ->
     """Serve ``store`` as the RawPixelsStore of ``image``'s pixels."""
     pid = unwrap(image.getPrimaryPixels().getId())
     server.add(f"pixels-{pid}", store)
+
+
+# ---------------------------------------------------------------- Dask workers (other processes)
+
+
+class RemoteServer:
+    """The client side of a :class:`LoopbackServer` running in another process (a Dask worker
+    reaches the test's fake servants over TCP); no database: workers only read pixels."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.db: Any = None
+
+    def client(self) -> Any:
+        return _communicator(server=False)
+
+    def proxy(self, ic: Any, name: str, cls: Any) -> Any:
+        return cls.checkedCast(ic.stringToProxy(f"{name}:tcp -h 127.0.0.1 -p {self.port}"))
+
+
+#: logins made in this (worker) process by the fake: (credential source, user, host)
+WORKER_LOGINS: list[tuple[str, str | None, str]] = []
+
+
+def install_fake_login(port: int, images: dict[int, tuple[tuple[int, int], str]]) -> int:
+    """In a Dask worker (``client.run``): every OMERO login of this process - made from the
+    worker's own environment by ``resolve_credentials`` - gets a LoopbackConn to the test's
+    fake servants instead of a Glacier2 session. ``images``: id -> ((width, height), name)."""
+    from conic_qp.omero.connection import OmeroConnection
+
+    def connect(self: Any) -> Any:
+        c = self.credentials
+        WORKER_LOGINS.append((c.source, c.user, c.server))
+        built = {iid: make_image(iid, size, name=name) for iid, (size, name) in images.items()}
+        self._gateway = LoopbackConn(RemoteServer(port), built)  # type: ignore[arg-type]
+        self._owned = True
+        return self._gateway
+
+    OmeroConnection.connect = connect  # type: ignore[method-assign]
+    return os.getpid()
+
+
+def worker_logins() -> list[tuple[str, str | None, str]]:
+    return list(WORKER_LOGINS)

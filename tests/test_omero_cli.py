@@ -34,6 +34,7 @@ def test_help_lists_the_commands() -> None:
     assert code == 0 and "predict" in out and "composition" in out
     code, out = _invoke(["omero", "predict", "--help"])
     assert code == 0 and "--max-rois" in out and "--replace / --keep" in out
+    assert "--cluster" in out and "--se-window" in out  # predict's engine options apply
     assert "--password" not in out  # passwords are never options
 
 
@@ -49,6 +50,9 @@ def test_help_lists_the_commands() -> None:
         (["omero", "predict", "-o", "OUT", "--image", "3", "--mpp", "50"], "--force-mpp"),
         (["omero", "predict", "-o", "OUT", "omero://a/image/1", "omero://b/image/2"], "several servers"),
         (["omero", "composition", "-o", "t.csv", "--image", "4"], "no OMERO login found"),
+        (["omero", "predict", "-o", "OUT", "--image", "3", "--cluster", "nowhere"], "--cluster"),
+        (["omero", "predict", "-o", "OUT", "--image", "3", "--cluster", "slurm"], "--cluster-config"),
+        (["omero", "predict", "-o", "OUT", "--image", "3", "--cluster-config", "c.yaml"], "needs --cluster"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(env: Path, args: list[str], words: str) -> None:

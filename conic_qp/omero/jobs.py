@@ -56,6 +56,7 @@ __all__ = [
     "expand_refs",
     "image_stem",
     "load_omero_cohort",
+    "local_worker_env",
     "run_omero_images",
     "run_omero_job",
     "run_omero_job_task",
@@ -268,6 +269,20 @@ def run_omero_job_task(job: SlideJob, retries: int = 1) -> SlideResult:
     from conic_qp.cluster import worker_name
 
     return run_omero_job(job, retries=retries, worker=worker_name())
+
+
+def local_worker_env(connection: OmeroConnection) -> dict[str, str]:
+    """Environment that lets the processes of a **local** Dask cluster log in as this process
+    did: its session key (``--session-key``, ``OMERO_SESSION_KEY`` or the ``omero login``
+    session: workers join the same session). Empty for a password login: the workers inherit
+    ``OMERO_USER``/``OMERO_PASSWORD`` from this process's environment. Only ever handed to
+    processes this one starts (never to jobs, job scripts or files)."""
+    c = connection.credentials
+    if not c.session_key:
+        return {}
+    from conic_qp.omero.connection import ENV_HOST, ENV_PORT, ENV_SESSION_KEY
+
+    return {ENV_SESSION_KEY: c.session_key, ENV_HOST: c.host, ENV_PORT: str(c.port)}
 
 
 @dataclass

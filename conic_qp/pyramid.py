@@ -39,8 +39,13 @@ __all__ = [
     "PyramidSource",
     "Rect",
     "SlideSource",
+    "as_rgb",
     "available_memory",
     "check_mpp",
+    "composite_alpha",
+    "not_rgb_error",
+    "pair_mpp",
+    "resolve_mpp",
     "scaled_size",
 ]
 
@@ -298,7 +303,7 @@ class ImageSource(PyramidSource):
 
     def __init__(self, image: np.ndarray, mpp: float, name: str = "image") -> None:
         self._name = name
-        self._image = _as_rgb(image, name)
+        self._image = as_rgb(image, name)
         self._mpp = mpp
         self._level_dims = [(self._image.shape[1], self._image.shape[0])]
 
@@ -306,7 +311,7 @@ class ImageSource(PyramidSource):
         return self._image[y0:y1, x0:x1].copy()
 
 
-def _pair_mpp(mpp_x: Any, mpp_y: Any) -> float | None:
+def pair_mpp(mpp_x: Any, mpp_y: Any) -> float | None:
     """Combine x/y um/px from metadata; anisotropic pixels are averaged with a warning."""
     try:
         vx = float(mpp_x) if mpp_x not in (None, "") else None
@@ -344,9 +349,12 @@ def check_mpp(mpp: float, *, force: bool = False) -> float:
     return float(mpp)
 
 
-def _resolve_mpp(
+def resolve_mpp(
     name: str, meta_mpp: float | None, override: float | None, *, force: bool = False
 ) -> float:
+    """The level-0 um/px every reader uses: the user's ``override`` (checked by
+    :func:`check_mpp`), else the metadata's when plausible; raises :class:`MppError` naming
+    the rescue (``mpp``) otherwise, so every format fails the same way."""
     lo, hi = MPP_RANGE
     if override is not None:
         check_mpp(override, force=force)
@@ -369,16 +377,17 @@ def _resolve_mpp(
     return float(meta_mpp)
 
 
-def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
+def as_rgb(array: np.ndarray, name: str) -> np.ndarray:
     """Validate an image as 8-bit RGB(A); alpha is composited on white."""
     array = np.asarray(array)
     channels = 1 if array.ndim == 2 else (array.shape[-1] if array.ndim == 3 else 0)
     if array.dtype != np.uint8 or channels not in (3, 4):
-        raise _not_rgb(name, f"{channels}-channel {array.dtype}")
-    return _composite_alpha(array) if channels == 4 else np.ascontiguousarray(array)
+        raise not_rgb_error(name, f"{channels}-channel {array.dtype}")
+    return composite_alpha(array) if channels == 4 else np.ascontiguousarray(array)
 
 
-def _composite_alpha(rgba: np.ndarray) -> np.ndarray:
+def composite_alpha(rgba: np.ndarray) -> np.ndarray:
+    """RGB of an RGB(A) array, alpha composited on white (scanners mark empty areas with it)."""
     if rgba.shape[-1] == 3:
         return np.ascontiguousarray(rgba)
     alpha = rgba[..., 3:4].astype(np.uint16)
@@ -386,7 +395,9 @@ def _composite_alpha(rgba: np.ndarray) -> np.ndarray:
     return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-def _not_rgb(name: str, what: str) -> ConicQPError:
+def not_rgb_error(name: str, what: str) -> ConicQPError:
+    """The one error every reader raises for a non-H&E image (``what``: e.g. "1-channel
+    uint16")."""
     return ConicQPError(
         f"{name} is a {what} image; H&E RGB (8-bit, 3 channels) is required; fluorescence or "
         "grayscale images cannot be analysed with an H&E model"

@@ -37,14 +37,14 @@ from conic_qp.pyramid import (
     PyramidSource,
     Rect,
     SlideSource,
-    _as_rgb,
-    _composite_alpha,
-    _not_rgb,
-    _pair_mpp,
-    _resolve_mpp,
     _size,
+    as_rgb,
     available_memory,
     check_mpp,
+    composite_alpha,
+    not_rgb_error,
+    pair_mpp,
+    resolve_mpp,
     scaled_size,
 )
 
@@ -61,15 +61,15 @@ __all__ = [
     "SlideSource",
     "TiffSlideSource",
     "UnreadableSlideError",
-    "_as_rgb",
-    "_composite_alpha",
-    "_not_rgb",
-    "_pair_mpp",
-    "_resolve_mpp",
+    "as_rgb",
     "available_memory",
     "check_mpp",
+    "composite_alpha",
     "is_dicom_folder",
+    "not_rgb_error",
     "open_slide",
+    "pair_mpp",
+    "resolve_mpp",
     "scaled_size",
 ]
 
@@ -126,7 +126,7 @@ class TiffSlideSource(PyramidSource):
         except Exception as err:
             described = _describe_tiff_pixels(path)
             if described is not None:
-                raise _not_rgb(self._name, described) from err
+                raise not_rgb_error(self._name, described) from err
             raise _unreadable(path, err) from err
         try:
             self._check_pixels(axes, series.dtype, series.shape)
@@ -135,11 +135,11 @@ class TiffSlideSource(PyramidSource):
             self._alpha = axes == "YXS" and int(series.shape[-1]) == 4
             meta_mpp = _ome_mpp(tf) if tf.is_ome else None
             if meta_mpp is None:
-                meta_mpp = _pair_mpp(
+                meta_mpp = pair_mpp(
                     props.get(tiffslide.PROPERTY_NAME_MPP_X),
                     props.get(tiffslide.PROPERTY_NAME_MPP_Y),
                 )
-            self._mpp = _resolve_mpp(self._name, meta_mpp, mpp, force=force_mpp)
+            self._mpp = resolve_mpp(self._name, meta_mpp, mpp, force=force_mpp)
             # Decode one pixel of the coarsest level now, so a broken codec fails at open time.
             self._read_level(len(self._level_dims) - 1, 0, 0, 1, 1)
         except BaseException:
@@ -150,7 +150,7 @@ class TiffSlideSource(PyramidSource):
     def _check_pixels(self, axes: str, dtype: Any, shape: Sequence[int]) -> None:
         samples = {"YXS": int(shape[-1]), "CYX": int(shape[0]), "YX": 1}.get(axes, 0)
         if np.dtype(dtype) != np.uint8 or samples not in (3, 4) or (axes == "CYX" and samples != 3):
-            raise _not_rgb(self._name, f"{samples}-channel {np.dtype(dtype)} ({axes})")
+            raise not_rgb_error(self._name, f"{samples}-channel {np.dtype(dtype)} ({axes})")
 
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._slide is None:
@@ -163,7 +163,7 @@ class TiffSlideSource(PyramidSource):
                 "file may be truncated or corrupt"
             ) from err
         arr = np.asarray(arr)
-        return _composite_alpha(arr) if self._alpha else np.ascontiguousarray(arr[..., :3])
+        return composite_alpha(arr) if self._alpha else np.ascontiguousarray(arr[..., :3])
 
     def close(self) -> None:
         slide = getattr(self, "_slide", None)
@@ -294,10 +294,10 @@ def _open_pil(path: Path, mpp: float | None, force_mpp: bool = False) -> ImageSo
     meta_mpp = None
     if dpi:
         try:
-            meta_mpp = _pair_mpp(25400.0 / float(dpi[0]), 25400.0 / float(dpi[1]))
+            meta_mpp = pair_mpp(25400.0 / float(dpi[0]), 25400.0 / float(dpi[1]))
         except (ZeroDivisionError, TypeError, ValueError, IndexError):
             meta_mpp = None
-    resolved = _resolve_mpp(path.name, meta_mpp, mpp, force=force_mpp)
+    resolved = resolve_mpp(path.name, meta_mpp, mpp, force=force_mpp)
     return ImageSource(array, resolved, name=path.name)
 
 
@@ -319,7 +319,7 @@ def _ome_mpp(tf: Any) -> float | None:
             unit = element.get(f"PhysicalSize{axis}Unit", "µm")
             factor = _LENGTH_UM.get(unit)
             values.append(None if size is None or factor is None else float(size) * factor)
-        return _pair_mpp(*values)
+        return pair_mpp(*values)
     return None
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from conic_qp.errors import ConicQPError
 from conic_qp.omero.connection import omero_errors
-from conic_qp.pyramid import PyramidSource, _not_rgb, _pair_mpp, _resolve_mpp
+from conic_qp.pyramid import PyramidSource, not_rgb_error, pair_mpp, resolve_mpp
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def image_mpp(image: Any) -> float | None:
             log.warning("%s: pixel size is not a length (%s)", image.getName(), type(exc).__name__)
             length = None
         values.append(None if length is None else float(length.getValue()))
-    return _pair_mpp(*values)
+    return pair_mpp(*values)
 
 
 # ------------------------------------------------------------------------------ the source
@@ -167,12 +167,12 @@ class OmeroSource(PyramidSource):
         self._pixel_type = str(image.getPixelsType())
         self._size_c = int(image.getSizeC())
         if self._pixel_type != "uint8":
-            raise _not_rgb(self._name, f"{self._size_c}-channel {self._pixel_type} (OMERO)")
+            raise not_rgb_error(self._name, f"{self._size_c}-channel {self._pixel_type} (OMERO)")
         if self._size_c not in (1, 3):
-            raise _not_rgb(self._name, f"{self._size_c}-channel {self._pixel_type} (OMERO)")
+            raise not_rgb_error(self._name, f"{self._size_c}-channel {self._pixel_type} (OMERO)")
         if int(image.getSizeZ()) > 1 or int(image.getSizeT()) > 1:
             log.warning("%s has several Z/T planes; reading Z=0, T=0", self._name)
-        self._mpp = _resolve_mpp(self._name, image_mpp(image), mpp, force=force_mpp)
+        self._mpp = resolve_mpp(self._name, image_mpp(image), mpp, force=force_mpp)
         pixels_id = int(image.getPixelsId())
         size = (int(image.getSizeX()), int(image.getSizeY()))
         with self._calls(f"opening the pixels of image {self.image_id}"):
@@ -221,7 +221,7 @@ class OmeroSource(PyramidSource):
         raw = self._get_tile(level, 0, 0, 0, w, h)
         if len(raw) == 3 * w * h:
             return True
-        raise _not_rgb(self._name, "1-channel uint8 (grey, OMERO)")
+        raise not_rgb_error(self._name, "1-channel uint8 (grey, OMERO)")
 
     def _get_tile(self, level: int, c: int, x: int, y: int, w: int, h: int) -> bytes:
         with self._lock, self._calls(f"reading pixels of image {self.image_id}"):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from conic_qp.errors import ConicQPError
-from conic_qp.pyramid import PyramidSource, _not_rgb, _pair_mpp, _resolve_mpp
+from conic_qp.pyramid import PyramidSource, not_rgb_error, pair_mpp, resolve_mpp
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,12 @@ class DicomSource(PyramidSource):
             levels = list(self._wsi.levels)
             self._level_numbers = [int(level.level) for level in levels]
             self._level_dims = [(int(lv.size.width), int(lv.size.height)) for lv in levels]
-            meta_mpp = _pair_mpp(self._wsi.mpp.width, self._wsi.mpp.height)
-            self._mpp = _resolve_mpp(self._name, meta_mpp, mpp, **_force(force_mpp))
+            meta_mpp = pair_mpp(self._wsi.mpp.width, self._wsi.mpp.height)
+            self._mpp = resolve_mpp(self._name, meta_mpp, mpp, **_force(force_mpp))
             probe = self._raw(len(levels) - 1, 0, 0, 1, 1)
             if probe.dtype != np.uint8 or probe.ndim != 3 or probe.shape[-1] not in (3, 4):
                 channels = probe.shape[-1] if probe.ndim == 3 else 1
-                raise _not_rgb(self._name, f"{channels}-channel {probe.dtype} (DICOM)")
+                raise not_rgb_error(self._name, f"{channels}-channel {probe.dtype} (DICOM)")
         except BaseException:
             self.close()
             raise
@@ -120,7 +120,7 @@ class DicomSource(PyramidSource):
     def _read_level(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         arr = self._raw(level, x0, y0, x1, y1)
         if arr.ndim == 2:
-            raise _not_rgb(self._name, f"1-channel {arr.dtype} (DICOM)")
+            raise not_rgb_error(self._name, f"1-channel {arr.dtype} (DICOM)")
         return np.ascontiguousarray(arr[..., :3])
 
     def close(self) -> None:

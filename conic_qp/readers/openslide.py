@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from conic_qp.errors import ConicQPError
-from conic_qp.pyramid import PyramidSource, _composite_alpha, _pair_mpp, _resolve_mpp
+from conic_qp.pyramid import PyramidSource, composite_alpha, pair_mpp, resolve_mpp
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,11 @@ class OpenSlideSource(PyramidSource):
             props = self._slide.properties
             self._level_dims = [(int(w), int(h)) for w, h in self._slide.level_dimensions]
             self._downsamples = [float(d) for d in self._slide.level_downsamples]
-            meta_mpp = _pair_mpp(
+            meta_mpp = pair_mpp(
                 props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)
             )
             force = {"force": True} if force_mpp else {}
-            self._mpp = _resolve_mpp(self._name, meta_mpp, mpp, **force)
+            self._mpp = resolve_mpp(self._name, meta_mpp, mpp, **force)
             self._read_level(len(self._level_dims) - 1, 0, 0, 1, 1)  # fail at open time
         except BaseException:
             self.close()
@@ -112,7 +112,7 @@ class OpenSlideSource(PyramidSource):
                 f"cannot read level {level} [{x0}:{x1}, {y0}:{y1}] of {self._path}: {err}; the "
                 "file may be incomplete or corrupt"
             ) from err
-        return _composite_alpha(np.asarray(image.convert("RGBA"), dtype=np.uint8))
+        return composite_alpha(np.asarray(image.convert("RGBA"), dtype=np.uint8))
 
     def close(self) -> None:
         slide = getattr(self, "_slide", None)

@@ -74,6 +74,7 @@ from conic_qp.qupath.sinks import (
     install_import_script,
 )
 from conic_qp.regions import Region
+from conic_qp.run_record import read_record
 from conic_qp.sinks import remove_inside, write_json_atomic
 from conic_qp.sinks.detections import Detections, DetectionSink
 from conic_qp.sinks.geojson import (
@@ -579,7 +580,7 @@ def _deliver(
     outcome.n_nuclei = res.n_nuclei
     outcome.class_counts = dict(res.class_counts)
     outcome.outputs = dict(res.outputs)
-    run = _load_json(Path(res.outputs["run"])) if "run" in res.outputs else {}
+    run = read_record(Path(res.outputs["run"])) if "run" in res.outputs else {}
     outcome.area_px = (
         float(run["roi_area_px"]) if plan.found and run.get("roi_area_px") is not None
         else run.get("tissue_area_px")
@@ -625,14 +626,6 @@ def _deliver(
     }
     outcome.status = "done"
     return None
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def format_failures(failures: Mapping[str, str]) -> str:

@@ -605,13 +605,7 @@ def annotate_cmd(
         models = _with_runtime(models, runtime)
     selection = [s.strip() for s in images.split(",") if s.strip()] if images else None
     with contextlib.ExitStack() as stack:
-        runner = None
-        if spec is not None:
-            from conic_qp.cluster import DaskRunner, open_cluster
-
-            client = stack.enter_context(open_cluster(spec, device=device))
-            _print_cluster(client, spec, quiet=False)
-            runner = DaskRunner(client, retries=spec.retries)
+        runner = None if spec is None else _dask_runner(stack, spec, device, quiet=False)
         result = _annotate_with_progress(
             project,
             models,
@@ -709,11 +703,7 @@ def _print_annotate_result(result: Any) -> None:
         console.print("Import the detections into QuPath (close the project in QuPath first):")
         click.echo(result.command)
     failures = result.failure_messages(cli_flag)
-    if failures:
-        console.print(f"[bold red]{len(failures)} image(s) failed:[/]", highlight=False)
-        for key, msg in failures.items():
-            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    _exit_on_failures(failures, "image")
 
 
 @main.command("composition")
@@ -771,11 +761,7 @@ def composition_cmd(
         done = [s for s in slides if s.slide not in failures]
         html = write_report(tidy, summary, report, classes=scheme, slides=done, failures=failures)
         console.print(f"report: {html}", highlight=False)
-    if failures:
-        console.print(f"[bold red]{len(failures)} slide(s) failed:[/]", highlight=False)
-        for key, msg in failures.items():
-            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    _exit_on_failures(failures, "slide")
 
 
 @main.command("predict")
@@ -840,25 +826,18 @@ def predict_cmd(
     # checkpoints and for the fingerprint --resume compares
     models = _engine_models(engine, spec)
     device = engine["device"]
-    if spec is None:
-        with _PredictProgress(len(refs), disabled=quiet) as progress:
+    with contextlib.ExitStack() as stack:
+        runner = None if spec is None else _dask_runner(stack, spec, device, quiet)
+        bar = _PredictProgress if runner is None else _CohortProgress
+        worker_models = None
+        if runner is not None:
+            runtime, compiled = engine["runtime"], engine["compile_models"]
+            worker_models = _worker_models(models, device, runtime, compiled)
+        with bar(len(refs), disabled=quiet) as progress:
             batch = predict_paths(
                 refs, models, settings, out_dir, progress.update, roi, mpp=mpp,
-                force_mpp=force_mpp, resume=resume,
+                force_mpp=force_mpp, resume=resume, runner=runner, model_spec=worker_models,
             )  # fmt: skip
-    else:
-        from conic_qp.cluster import DaskRunner, open_cluster
-
-        with open_cluster(spec, device=device) as client:
-            _print_cluster(client, spec, quiet)
-            with _CohortProgress(len(refs), disabled=quiet) as progress:
-                batch = predict_paths(
-                    refs, models, settings, out_dir, progress.update, roi, mpp=mpp,
-                    force_mpp=force_mpp, resume=resume,
-                    runner=DaskRunner(client, retries=spec.retries),
-                    model_spec=_worker_models(models, device, engine["runtime"],
-                                              engine["compile_models"]),
-                )  # fmt: skip
     results = batch.cohort.results if batch.cohort is not None else []
     failures = {**missing, **{r.ref.label: r.message(cli_flag) for r in results if not r.ok}}
     if not quiet:
@@ -875,13 +854,19 @@ def predict_cmd(
         )
         for r in blank:
             console.print(f"  no tissue: {r.ref.label}", highlight=False, soft_wrap=True)
-    if failures:
-        console.print(f"[bold red]{len(failures)} slide(s) failed:[/]", highlight=False)
-        for key, msg in failures.items():
-            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    _exit_on_failures(failures, "slide")
     if strict and any(r.status == "no_tissue" for r in results):
         sys.exit(1)
+
+
+def _exit_on_failures(failures: dict[str, str], what: str) -> None:
+    """List the failed slides or images (one line each) and exit 1; nothing when none failed."""
+    if not failures:
+        return
+    console.print(f"[bold red]{len(failures)} {what}(s) failed:[/]", highlight=False)
+    for key, msg in failures.items():
+        console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 def _worker_models(models: Any, device: str, runtime: str, compiled: bool = False) -> Any:
@@ -902,6 +887,23 @@ def _cluster_spec(cluster: str | None, config: str | None) -> Any:
     from conic_qp.cluster import ClusterSpec
 
     return ClusterSpec.parse(cluster, config)
+
+
+def _dask_runner(
+    stack: contextlib.ExitStack,
+    spec: Any,
+    device: str,
+    quiet: bool,
+    *,
+    worker_env: dict[str, str] | None = None,
+    task: Any = None,
+) -> Any:
+    """A DaskRunner on the cluster of ``spec``, which ``stack`` closes; prints where it runs."""
+    from conic_qp.cluster import DaskRunner, open_cluster
+
+    client = stack.enter_context(open_cluster(spec, device=device, worker_env=worker_env))
+    _print_cluster(client, spec, quiet)
+    return DaskRunner(client, retries=spec.retries, task=task)
 
 
 def _print_cluster(client: Any, spec: Any, quiet: bool) -> None:
@@ -1309,11 +1311,7 @@ def omero_predict_cmd(
     Console().print(table)
     console.print(f"local outputs in {out_dir}", highlight=False)
     failures = batch.failure_messages(cli_flag)
-    if failures:
-        console.print(f"[bold red]{len(failures)} image(s) failed:[/]", highlight=False)
-        for key, msg in failures.items():
-            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    _exit_on_failures(failures, "image")
 
 
 def _omero_cluster(
@@ -1329,7 +1327,6 @@ def _omero_cluster(
     themselves; a local cluster's get this process's session key in their environment."""
     import functools
 
-    from conic_qp.cluster import DaskRunner, open_cluster
     from conic_qp.omero.jobs import local_worker_env, run_omero_job_task
 
     env = local_worker_env(connection) if spec.kind == "local" else {}
@@ -1340,10 +1337,8 @@ def _omero_cluster(
             "(docs/omero.md)",
             highlight=False,
         )
-    client = stack.enter_context(open_cluster(spec, device=engine["device"], worker_env=env))
-    _print_cluster(client, spec, quiet)
     task = functools.partial(run_omero_job_task, retries=retries)
-    runner = DaskRunner(client, retries=spec.retries, task=task)
+    runner = _dask_runner(stack, spec, engine["device"], quiet, worker_env=env, task=task)
     return runner, _worker_models(
         models, engine["device"], engine["runtime"], engine["compile_models"]
     )
@@ -1388,11 +1383,7 @@ def omero_composition_cmd(output: str, regions: str, report: str | None, **targe
     finally:
         if tmp is not None:
             tmp.cleanup()
-    if failures:
-        console.print(f"[bold red]{len(failures)} image(s) failed:[/]", highlight=False)
-        for key, msg in failures.items():
-            console.print(f"  {key}: {msg}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    _exit_on_failures(failures, "image")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from conic_qp.errors import ConicQPError, NoTissueError, OutputError, render
+from conic_qp.run_record import read_record
 from conic_qp.sources import SlideRef, open_ref
 
 if TYPE_CHECKING:
@@ -370,18 +371,10 @@ class SlideResult:
         return cls(**kw)
 
 
-def _read_run(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def skipped_result(job: SlideJob) -> SlideResult:
     """The result of a slide whose complete run.json is found (``resume``)."""
     run_json = job.outputs["run"]
-    data = _read_run(run_json)
+    data = read_record(run_json)
     now = time.time()
     blank = data.get("status") == "no_tissue"  # still a blank slide (--strict counts it)
     return SlideResult(

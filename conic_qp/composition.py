@@ -20,7 +20,6 @@ end do the file work for ``conic-qp composition``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from conic_qp.outputs import (
     used_regions_path,
 )
 from conic_qp.regions import Region, qupath_centroids
+from conic_qp.run_record import read_record
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +319,6 @@ def whole_region(area_px: float | None) -> Region:
     return CompositionRegion(WHOLE, None, None, WHOLE, area_px if area_px is not None else math.nan)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _whole_area_from_run(run: Mapping[str, Any]) -> float | None:
     """Level-0 area of what a predict/annotate run covered: its ROI, tissue, or the image."""
     for key in ("roi_area_px", "tissue_area_px"):
@@ -373,7 +365,7 @@ def load_cohort(
 
         project = read_project(src, remap=remap)
         out_dir = project.dir / ANNOTATE_DIR
-        run = _read_json(out_dir / ANNOTATE_RUN_FILE)
+        run = read_record(out_dir / ANNOTATE_RUN_FILE)
         run_images = run.get("images") if isinstance(run.get("images"), dict) else {}
         for im in project.images:
             table = out_dir / f"{entry_stem(im.entry_id)}{TABLE_SUFFIX}"
@@ -400,7 +392,7 @@ def load_cohort(
     for table in tables:
         stem = table.name[: -len(TABLE_SUFFIX)]
         rfile = region_file(rdir, [stem]) if rdir is not None else None
-        run = _read_json(table.with_name(f"{stem}.run.json"))
+        run = read_record(table.with_name(f"{stem}.run.json"))
         spath = (run.get("slide") or {}).get("path")
         slides.append(
             _slide_input(stem, table, rfile, run, read_regions, Path(spath) if spath else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -25,7 +26,14 @@ if TYPE_CHECKING:
     from conic_qp.predict import ModelSet
     from conic_qp.settings import PredictSettings
 
-__all__ = ["RUN_FORMAT", "RUN_VERSION", "build_run_record", "is_complete", "versions"]
+__all__ = [
+    "RUN_FORMAT",
+    "RUN_VERSION",
+    "build_run_record",
+    "is_complete",
+    "read_record",
+    "versions",
+]
 
 RUN_FORMAT = "conic-qp predict run"
 #: 2: blended tiles (``settings.overlap``, ``window``, ``se_window``, blocks) replace the halo.
@@ -86,6 +94,16 @@ def build_run_record(
         "outputs": outputs,
         "versions": versions(),
     }
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON record (run.json, an upload record...) as a dict; ``{}`` when it is missing,
+    unreadable or not an object: records are evidence of work done, never required input."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def is_complete(run_json: Path, fingerprint: str) -> bool:

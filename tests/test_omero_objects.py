@@ -335,3 +335,26 @@ def test_group_selection_by_name_or_id(om: Any) -> None:
         conn._select_group("radiology")
     msg = info.value.render(cli_flag)  # as the CLI prints it
     assert "not a member" in msg and "imaging core, pathology" in msg and "--group" in msg
+
+
+def test_removing_partial_objects_keeps_only_what_a_dead_connection_left(om: Any) -> None:
+    """What a journal must keep: objects a lost connection could not delete; a delete the
+    server refuses (objects already gone) is not retried forever."""
+    from conic_qp.omero.results import remove_objects
+
+    class Conn:
+        def __init__(self, errors: dict[str, BaseException]) -> None:
+            self.errors = errors
+            self.deleted: list[tuple[str, list[int]]] = []
+
+        def deleteObjects(self, kind: str, ids: list[int], wait: bool = False) -> None:
+            if kind in self.errors:
+                raise self.errors[kind]
+            self.deleted.append((kind, ids))
+
+    objects = {"Roi": [1, 2], "Annotation": [3], "OriginalFile": [4]}
+    conn = Conn({"Roi": om.Ice.ConnectionLostException(),
+                 "Annotation": om.omero.ApiUsageException(None, None, "no such object")})  # fmt: skip
+    assert remove_objects(conn, objects) == {"Roi": [1, 2]}
+    assert conn.deleted == [("OriginalFile", [4])]
+    assert remove_objects(Conn({}), objects) == {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ from conic_qp.omero.refs import OmeroRef
 from conic_qp.omero.results import WriteOptions, check_writable, image_group
 from conic_qp.outputs import MANIFEST_FILE
 from conic_qp.predict import ModelSet, PredictSettings, Progress, is_complete, output_paths
+from conic_qp.run_record import read_record
 
 if TYPE_CHECKING:
     from conic_qp.cohort import ModelSpec, Runner, SlideJob, SlideResult
@@ -124,19 +124,11 @@ def record_path(out_dir: str | os.PathLike[str], stem: str) -> Path:
     return Path(out_dir) / f"{stem}.omero.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def uploaded(
     out_dir: str | os.PathLike[str], stem: str, fingerprint: str, write: WriteOptions
 ) -> bool:
     """True when the record of ``stem`` vouches for an upload of the same model and options."""
-    rec = _read_json(record_path(out_dir, stem))
+    rec = read_record(record_path(out_dir, stem))
     return (
         rec.get("format") == RECORD_FORMAT
         and rec.get("complete") is True
@@ -422,7 +414,7 @@ def run_omero_images(
                        force_mpp=force_mpp)  # fmt: skip
         now = time.time()
         if resume and uploaded(out, stem, models.fingerprint, write):
-            rec = _read_json(record_path(out, stem))
+            rec = read_record(record_path(out, stem))
             log.info("image %d: already uploaded (resume), skipped", iid)
             name = str(rec.get("name") or f"image {iid}")
             image = OmeroImageResult(iid, name, "skipped", int(rec.get("n_nuclei") or 0),

@@ -669,8 +669,9 @@ def _write_table(
 
 def remove_objects(conn: Any, objects: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """Delete the objects of a failed upload (a rollback, or a journal of an interrupted one);
-    returns those that could not be deleted. Never raises: the connection may be gone, and the
-    first error is the one to report."""
+    returns those left because the connection is gone (to delete on the next attempt). Never
+    raises: the first error is the one to report. A delete the server refuses (e.g. objects
+    already gone) is logged and not retried: it would block the image's next upload forever."""
     left: dict[str, list[int]] = {}
     for kind in ("Annotation", "Roi", "OriginalFile"):
         ids = [int(i) for i in objects.get(kind) or ()]
@@ -680,15 +681,36 @@ def remove_objects(conn: Any, objects: Mapping[str, Sequence[int]]) -> dict[str,
             conn.deleteObjects(kind, ids, wait=True)
             log.info("removed %d partial %s object(s)", len(ids), kind)
         except Exception as exc:  # the connection may be gone: report, keep the first error
+            lost = _connection_lost(exc)
             log.warning(
-                "could not remove %d partial %s object(s) (%s); they are not linked to the "
-                "image and the next attempt removes them",
+                "could not remove %d partial %s object(s) (%s)%s",
                 len(ids),
                 kind,
                 type(exc).__name__,
+                "; they are not linked to the image and the next attempt removes them"
+                if lost
+                else "",
             )
-            left[kind] = ids
+            if lost:
+                left[kind] = ids
     return left
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    from conic_qp.omero.connection import (
+        OmeroConnectionLost,
+        is_omero_exception,
+        translate_error,
+    )
+
+    if isinstance(exc, OmeroConnectionLost):
+        return True
+    try:
+        return is_omero_exception(exc) and isinstance(
+            translate_error(exc, "removing objects"), OmeroConnectionLost
+        )
+    except TypeError:
+        return False
 
 
 def previous_results(conn: Any, image: Any) -> dict[str, list[int]]:

@@ -21,7 +21,6 @@ from the beginning each time (OMERO has no transaction spanning the table, files
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ from conic_qp.errors import ConicQPError
 from conic_qp.omero.connection import OmeroConnection, OmeroConnectionLost
 from conic_qp.omero.refs import OmeroRef
 from conic_qp.omero.results import WriteOptions, WrittenResults, remove_objects
+from conic_qp.run_record import read_record
 from conic_qp.sinks.detections import Delivery, Detections
 
 if TYPE_CHECKING:
@@ -94,14 +94,6 @@ def provenance(run: Mapping[str, Any], ref: str) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 class OmeroSink:
     """Detections (and the composition, GeoJSON and capped ROIs) onto OMERO images.
 
@@ -151,7 +143,7 @@ class OmeroSink:
 
         image_id = int(detections.key)
         run_path = detections.outputs.get("run")
-        run = _read_json(Path(run_path)) if run_path is not None else {}
+        run = read_record(Path(run_path)) if run_path is not None else {}
         if not run.get("complete"):
             raise ValueError(f"image {image_id}: no complete run record; predict it first")
         table = read_table(detections.table)
@@ -227,7 +219,7 @@ class OmeroSink:
         """Delete what an interrupted upload of this image left on the server."""
         from conic_qp.sinks import remove_inside, write_json_atomic
 
-        data = _read_json(journal_file)
+        data = read_record(journal_file)
         objects = data.get("objects") if data.get("format") == PENDING_FORMAT else None
         if not isinstance(objects, dict) or not objects:
             return

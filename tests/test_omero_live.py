@@ -12,6 +12,7 @@ write conic-qp results only to those images (and read ``OMERO_TEST_IMAGE`` witho
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -212,3 +213,108 @@ def test_live_second_group(tmp_path: Path) -> None:
     finally:
         with OmeroConnection(_creds(group=group)) as conn:
             conn.gateway.deleteObjects("Dataset", [ds_id], deleteChildren=True, wait=True)
+
+
+def test_live_dead_connection_mid_upload_leaves_earlier_results_only(
+    connection: Any, dataset: Any, tmp_path: Path
+) -> None:
+    """The linking transaction and every delete fail as on a dead connection: the image keeps
+    its earlier results, the new objects stay unlinked and journaled, and the next upload
+    deletes them on the server before writing."""
+    import Ice
+
+    from conic_qp.omero.connection import OmeroConnection, OmeroConnectionLost
+    from conic_qp.omero.jobs import image_stem
+    from conic_qp.omero.results import NS_TABLE, WriteOptions
+    from conic_qp.omero.sinks import OmeroSink, pending_path
+    from conic_qp.predict import output_paths
+    from conic_qp.sinks.detections import Detections
+    from conic_qp.sinks.tables import read_table
+
+    gw = connection.gateway
+    iid = _synthetic_image(gw, dataset, "conic-qp live journal")
+    out = tmp_path / "out"
+    assert _run(connection, [iid], out).ok  # complete earlier results
+    linked = {int(a.getId()) for a in gw.getObject("Image", iid).listAnnotations()}
+
+    class Update:  # the real IUpdate, but the transaction that links the results drops
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def saveArray(self, *args: Any, **kw: Any) -> None:
+            raise Ice.ConnectionLostException()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    class Gateway:
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def getUpdateService(self) -> Any:
+            return Update(self.real.getUpdateService())
+
+        def deleteObjects(self, *args: Any, **kw: Any) -> None:
+            raise Ice.ConnectionLostException()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    class Dying(OmeroConnection):
+        def connect(self) -> Any:
+            self._gateway = Gateway(connection.gateway)
+            self._owned = False
+            return self._gateway
+
+    paths = output_paths(out, image_stem(connection.credentials.host, iid))
+    det = Detections(str(iid), "live", paths["table"], read_table(paths["table"]).attrs["classes"],
+                     outputs=paths)  # fmt: skip
+    with pytest.raises(OmeroConnectionLost):
+        OmeroSink(Dying(_creds()), WriteOptions(max_rois=10), retries=0).write(det)
+    now = {int(a.getId()) for a in gw.getObject("Image", iid).listAnnotations()}
+    assert now == linked
+    journal = json.loads(pending_path(det.table).read_text())["objects"]
+    assert journal["Annotation"] and len(journal["Roi"]) == 10
+    assert all(gw.getObject("Annotation", a) is not None for a in journal["Annotation"])
+    OmeroSink(connection, WriteOptions(max_rois=10)).write(det)
+    assert not pending_path(det.table).exists()
+    assert all(gw.getObject("Annotation", a) is None for a in journal["Annotation"])
+    assert all(gw.getObject("Roi", r) is None for r in journal["Roi"])
+    assert len(list(gw.getObject("Image", iid).listAnnotations(ns=NS_TABLE))) == 1
+
+
+@pytest.mark.slow
+def test_live_cluster_workers_log_in_themselves(
+    connection: Any, dataset: Any, tmp_path: Path
+) -> None:
+    pytest.importorskip("distributed")
+    import functools
+
+    import pandas as pd
+
+    from conic_qp.cluster import ClusterSpec, DaskRunner, open_cluster
+    from conic_qp.cohort import ModelSpec
+    from conic_qp.omero.jobs import run_omero_images, run_omero_job_task
+    from conic_qp.omero.refs import OmeroRef
+    from conic_qp.omero.results import NS_TABLE, WriteOptions
+    from conic_qp.predict import load_models
+    from tests.helpers_models import make_tiny_checkpoint, settings
+
+    gw = connection.gateway
+    iid = _synthetic_image(gw, dataset, "conic-qp live cluster")
+    models = load_models([make_tiny_checkpoint(tmp_path / "tiny")], device="cpu")
+    c = connection.credentials
+    env = {"OMERO_HOST": c.host, "OMERO_PORT": str(c.port), "OMERO_USER": str(c.user),
+           "OMERO_PASSWORD": str(c.password)}  # fmt: skip
+    spec = ClusterSpec("local", n_workers=1, torch_threads=1, dashboard=False)
+    with open_cluster(spec, device="cpu", worker_env=env) as client:
+        runner = DaskRunner(client, task=functools.partial(run_omero_job_task, retries=1))
+        batch = run_omero_images(
+            connection, [OmeroRef("image", iid)], models,
+            settings(save_labels=False, tile_size=128, halo=32, workers=1), tmp_path / "out",
+            write=WriteOptions(), runner=runner, model_spec=ModelSpec.from_models(models, "cpu"),
+        )  # fmt: skip
+        workers = set(client.scheduler_info()["workers"])
+    assert batch.ok, batch.failures
+    assert set(pd.read_parquet(tmp_path / "out" / "manifest.parquet")["worker"]) <= workers
+    assert len(list(gw.getObject("Image", iid).listAnnotations(ns=NS_TABLE))) == 1

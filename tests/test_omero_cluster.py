@@ -140,7 +140,7 @@ def test_omero_predict_on_a_local_cluster_keeps_credentials_out_of_every_job(
         assert set(pids) == workers
         first = pd.read_parquet(out / "manifest.parquet")  # predicted there, uploaded here
         assert list(first["status"]) == ["done", "done"] and set(first["worker"]) == workers
-        logs = json.dumps([client.get_worker_logs(), client.scheduler_info()], default=str)
+        logs = repr([client.get_worker_logs(), client.scheduler_info()])
         # resume: every image is uploaded already; nothing goes to the cluster
         n_jobs = len(payloads)
         again = _run(conn, setup, out, runner=runner, resume=True)

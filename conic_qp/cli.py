@@ -111,6 +111,12 @@ def main(verbose: int, log_file: str | None) -> None:
     default=None,
     help="Comma-separated names of class ids 1..C (default: the six CoNIC classes).",
 )
+@click.option(
+    "--whole-images",
+    is_flag=True,
+    help="With --model: also reassemble each source image from its tiles and score it whole "
+    "(HoVer-Net's protocol: PQ, DQ, SQ, AJI, type F1).",
+)
 def evaluate_cmd(
     pred_path: str | None,
     true_path: str | None,
@@ -122,12 +128,15 @@ def evaluate_cmd(
     save_pred: str | None,
     as_json: bool,
     classes: str | None,
+    whole_images: bool,
 ) -> None:
     """Score label maps with the CoNIC 2022 metrics (PQ, mPQ+, R2 of Task-2 counts).
 
     Either --pred/--true: both files hold (N, H, W, 2) integer arrays (channel 0 instance ids,
     0 = background; channel 1 class ids 0..C). Or --model with --data: the checkpoint predicts the
-    labelled tiles (at its um/px, with its thresholds) and is scored against their labels.
+    labelled tiles (at its um/px, with its thresholds) and is scored against their labels; with
+    --whole-images the tiles of each source image are also put back together (tiles folders with
+    orig_instance_ids.json, e.g. CoNSeP) and every image is predicted and scored whole.
     """
     import json
 
@@ -141,6 +150,20 @@ def evaluate_cmd(
         result = evaluate_checkpoint(
             model_path, data_specs, tta=tta, task=int(task), device=device, save_pred=save_pred
         )
+        if whole_images:
+            from conic_qp.train.evaluation import evaluate_whole_images_checkpoint
+
+            whole = evaluate_whole_images_checkpoint(
+                model_path, data_specs, tta=tta, task=int(task), device=device
+            )
+            if as_json:
+                click.echo(json.dumps({"tiles": result.to_json(), "whole_images": whole.to_json()}))
+            else:
+                Console().print(_render_scores(result))
+                Console().print(_render_whole(whole))
+            return
+    elif whole_images:
+        raise ConicQPError("--whole-images needs --model and --data (it predicts whole images)")
     elif pred_path and true_path:
         result = evaluate_files(pred_path, true_path, parse_class_names(classes))
     else:
@@ -1045,6 +1068,32 @@ class _CohortProgress:
 
 def _fmt(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.4f}"
+
+
+def _render_whole(result: Any) -> RenderableType:
+    """Tables of whole-image scores (HoVer-Net's protocol) and per-class PQ / type F1."""
+    from rich.console import Group
+    from rich.table import Table
+
+    summary = Table(title="whole images (HoVer-Net protocol)", title_justify="left")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for label, value in (
+        ("PQ (binary, mean over images)", result.pq),
+        ("DQ", result.dq),
+        ("SQ", result.sq),
+        ("AJI", result.aji),
+        ("detection F1 (centroids within 3 um)", result.f1_detection),
+        ("type accuracy of detected nuclei", result.accuracy),
+        ("mPQ+ (pooled over images)", result.mpq_plus),
+    ):
+        summary.add_row(label, _fmt(value))
+    per_class = Table(title="per class", title_justify="left")
+    for col in ("class", "PQ", "type F1"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for name, pq in result.pq_per_class.items():
+        per_class.add_row(name, _fmt(pq), _fmt(result.f1_per_class[name]))
+    return Group(summary, per_class)
 
 
 def _render_scores(result: EvaluationResult) -> RenderableType:

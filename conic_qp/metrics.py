@@ -27,6 +27,7 @@ All functions are pure numpy; no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -440,4 +441,218 @@ def evaluate(
         pq_per_class={nm: float(v) for nm, v in zip(names, pq_class, strict=True)},
         r2=float(r2_class.mean()),
         r2_per_class={nm: float(v) for nm, v in zip(names, r2_class, strict=True)},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# literature metrics for whole images (HoVer-Net, Graham et al. 2019: PQ/DQ/SQ, AJI, type F1)
+
+#: HoVer-Net's detection radius: 12 px at 40x (0.25 um/px), i.e. 3 um.
+HOVERNET_RADIUS_UM = 3.0
+
+
+def aji(true_inst: np.ndarray, pred_inst: np.ndarray) -> float:
+    """Aggregated Jaccard Index (Kumar et al. 2017) of one image, as HoVer-Net computes it.
+
+    Every truth nucleus is paired with the prediction of highest IoU among those it overlaps
+    (ties: the lowest id); the intersections and unions of the pairs are summed, and the areas of
+    unpaired truth nuclei and of predictions paired with no truth nucleus are added to the union.
+    A prediction may pair with several truth nuclei (it then counts in each union), as in
+    HoVer-Net's ``get_fast_aji``. An image with neither truth nor prediction scores 0 (the PQ
+    convention).
+    """
+    t = _as_int64(np.asarray(true_inst), "truth instance ids")
+    p = _as_int64(np.asarray(pred_inst), "prediction instance ids")
+    _check_pair(t, p, 2, "aji")
+    t_ids, t_idx = np.unique(t, return_inverse=True)
+    p_ids, p_idx = np.unique(p, return_inverse=True)
+    t_idx, p_idx = t_idx.ravel(), p_idx.ravel()
+    t_area = np.bincount(t_idx, minlength=len(t_ids)).astype(np.float64)
+    p_area = np.bincount(p_idx, minlength=len(p_ids)).astype(np.float64)
+    t_fg = np.flatnonzero(t_ids > 0)
+    p_fg = np.flatnonzero(p_ids > 0)
+    union_total = 0.0
+    inter_total = 0.0
+    used = np.zeros(len(p_ids), dtype=bool)
+    both = (t.ravel() > 0) & (p.ravel() > 0)
+    if both.any():
+        pairs, inter = np.unique(t_idx[both] * len(p_ids) + p_idx[both], return_counts=True)
+        ti, pi = pairs // len(p_ids), pairs % len(p_ids)
+        union = t_area[ti] + p_area[pi] - inter
+        iou = inter / union
+        # best prediction per truth nucleus: sort by (truth, -iou, prediction id) and take firsts
+        order = np.lexsort((pi, -iou, ti))
+        first = np.r_[True, ti[order][1:] != ti[order][:-1]]
+        best = order[first]
+        inter_total = float(inter[best].sum())
+        union_total = float(union[best].sum())
+        used[pi[best]] = True
+        paired_truth = np.zeros(len(t_ids), dtype=bool)
+        paired_truth[ti[best]] = True
+    else:
+        paired_truth = np.zeros(len(t_ids), dtype=bool)
+    union_total += float(t_area[t_fg][~paired_truth[t_fg]].sum())
+    union_total += float(p_area[p_fg][~used[p_fg]].sum())
+    return inter_total / union_total if union_total > 0 else 0.0
+
+
+def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids, (y, x) centroids and classes of the instances of one (H, W, 2) label map.
+
+    The class of an instance is the most frequent class id among its pixels.
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 3 or lab.shape[-1] != 2:
+        raise ConicQPError(f"labels have shape {lab.shape}; expected (H, W, 2)")
+    inst = _as_int64(lab[..., 0], "instance ids").ravel()
+    cls = _as_int64(lab[..., 1], "class ids", allow_negative=True).ravel()
+    fg = inst > 0
+    ids, idx = np.unique(inst[fg], return_inverse=True)
+    if ids.size == 0:
+        return ids, np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    yy, xx = np.divmod(np.flatnonzero(fg), lab.shape[1])
+    area = np.bincount(idx).astype(np.float64)
+    centroids = np.stack(
+        [np.bincount(idx, weights=yy) / area, np.bincount(idx, weights=xx) / area], axis=1
+    )
+    c = np.clip(cls[fg], 0, None)
+    votes = np.zeros((ids.size, int(c.max(initial=0)) + 1), dtype=np.int64)
+    np.add.at(votes, (idx, c), 1)
+    return ids, centroids, votes.argmax(axis=1)
+
+
+def pair_centroids(
+    true_xy: np.ndarray, pred_xy: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-to-one pairing of centroids within ``radius`` (Hungarian on distances, as HoVer-Net).
+
+    Returns the (K, 2) index pairs (truth, prediction), the unpaired truth and the unpaired
+    prediction indices.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
+    t = np.asarray(true_xy, dtype=np.float64).reshape(-1, 2)
+    p = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
+    if len(t) == 0 or len(p) == 0:
+        empty = np.zeros((0, 2), dtype=np.int64)
+        return empty, np.arange(len(t)), np.arange(len(p))
+    dist = cdist(t, p)
+    rows, cols = linear_sum_assignment(dist)
+    keep = dist[rows, cols] <= radius
+    pairs = np.stack([rows[keep], cols[keep]], axis=1).astype(np.int64)
+    return (
+        pairs,
+        np.setdiff1d(np.arange(len(t)), pairs[:, 0]),
+        np.setdiff1d(np.arange(len(p)), pairs[:, 1]),
+    )
+
+
+def type_f1(
+    paired_true: np.ndarray,
+    paired_pred: np.ndarray,
+    unpaired_true: np.ndarray,
+    unpaired_pred: np.ndarray,
+    class_id: int,
+) -> float:
+    """HoVer-Net's per-class classification F1 of pooled centroid pairings.
+
+    ``2 TP / (2 TP + 2 FP + 2 FN + FP_d + FN_d)``: TP/FP/FN over paired nuclei whose true or
+    predicted class is ``class_id``, FP_d/FN_d the unpaired predictions/truths of that class
+    (HoVer-Net's weights [2, 2, 1, 1]; its TN term is always 0 on these pairs).
+    """
+    t, p = np.asarray(paired_true), np.asarray(paired_pred)
+    sel = (t == class_id) | (p == class_id)
+    t, p = t[sel], p[sel]
+    tp = int(((t == class_id) & (p == class_id)).sum())
+    fp = int(((t != class_id) & (p == class_id)).sum())
+    fn = int(((t == class_id) & (p != class_id)).sum())
+    fp_d = int((np.asarray(unpaired_pred) == class_id).sum())
+    fn_d = int((np.asarray(unpaired_true) == class_id).sum())
+    den = 2 * tp + 2 * fp + 2 * fn + fp_d + fn_d
+    return 2 * tp / den if den else 0.0
+
+
+@dataclass(frozen=True)
+class WholeImageResult:
+    """Scores of whole images in HoVer-Net's protocol, plus the CoNIC class-pooled mPQ+.
+
+    Attributes
+    ----------
+    pq, dq, sq, aji : means over images of the binary per-image values.
+    mpq_plus, pq_per_class : CoNIC pooling over the images (as :class:`EvaluationResult`).
+    f1_detection : pooled centroid-detection F1 (pairs within the radius).
+    f1_per_class : HoVer-Net's classification F1 per class (:func:`type_f1`), pooled.
+    accuracy : fraction of paired nuclei with the right class.
+    per_image : name -> {"pq", "dq", "sq", "aji"}.
+    """
+
+    pq: float
+    dq: float
+    sq: float
+    aji: float
+    mpq_plus: float
+    pq_per_class: dict[str, float]
+    f1_detection: float
+    f1_per_class: dict[str, float]
+    accuracy: float
+    per_image: dict[str, dict[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def evaluate_whole_images(
+    images: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    radius: float,
+) -> WholeImageResult:
+    """Score whole images: ``(name, true (H, W, 2), pred (H, W, 2))`` per image.
+
+    Images may differ in size. ``radius`` is the centroid pairing distance in pixels of these
+    maps (HoVer-Net: :data:`HOVERNET_RADIUS_UM` divided by the um/px).
+    """
+    names = [str(n) for n in class_names]
+    if not images:
+        raise ConicQPError("no images to evaluate")
+    per_image: dict[str, dict[str, float]] = {}
+    class_stats = np.zeros((len(names), 4), dtype=np.float64)
+    paired_t: list[np.ndarray] = []
+    paired_p: list[np.ndarray] = []
+    unpaired_t: list[np.ndarray] = []
+    unpaired_p: list[np.ndarray] = []
+    for name, true, pred in images:
+        t, p = np.asarray(true), np.asarray(pred)
+        _check_pair(t, p, 3, f"image {name}")
+        stats = match_instances(t[..., 0], p[..., 0])
+        per_image[str(name)] = {
+            "pq": stats.pq,
+            "dq": stats.dq,
+            "sq": stats.sq,
+            "aji": aji(t[..., 0], p[..., 0]),
+        }
+        class_stats += multi_pq_stats(t, p, len(names))
+        _, t_xy, t_cls = instance_centroids(t)
+        _, p_xy, p_cls = instance_centroids(p)
+        pairs, ut, up = pair_centroids(t_xy, p_xy, radius)
+        paired_t.append(t_cls[pairs[:, 0]])
+        paired_p.append(p_cls[pairs[:, 1]])
+        unpaired_t.append(t_cls[ut])
+        unpaired_p.append(p_cls[up])
+    pt, pp = np.concatenate(paired_t), np.concatenate(paired_p)
+    ut_all, up_all = np.concatenate(unpaired_t), np.concatenate(unpaired_p)
+    tp_d, fp_d, fn_d = len(pt), len(up_all), len(ut_all)
+    pq_class = pq_from_stats(class_stats)
+    rows = list(per_image.values())
+    return WholeImageResult(
+        pq=float(np.mean([r["pq"] for r in rows])),
+        dq=float(np.mean([r["dq"] for r in rows])),
+        sq=float(np.mean([r["sq"] for r in rows])),
+        aji=float(np.mean([r["aji"] for r in rows])),
+        mpq_plus=float(pq_class.mean()),
+        pq_per_class={n: float(v) for n, v in zip(names, pq_class, strict=True)},
+        f1_detection=2 * tp_d / (2 * tp_d + fp_d + fn_d) if tp_d + fp_d + fn_d else 0.0,
+        f1_per_class={n: type_f1(pt, pp, ut_all, up_all, i + 1) for i, n in enumerate(names)},
+        accuracy=float((pt == pp).mean()) if len(pt) else 0.0,
+        per_image=per_image,
     )

@@ -17,6 +17,8 @@ without any class labels (e.g. MoNuSeg) has ``class_maps = None``.
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -775,6 +777,7 @@ def read_tile_folder(
     image_dir: str = "images",
     inst_dir: str = "inst_png",
     type_dir: str = "type_mat",
+    whole_images: bool = False,
 ) -> LabelledSet:
     """Tiles as files: ``images/[<split>/]<tile>.{png,jpg,tif}`` + ``inst_png/...png`` (+ classes).
 
@@ -788,6 +791,10 @@ def read_tile_folder(
     ----------
     split : read only the tiles of this split (e.g. "train").
     centre : centre name recorded for every tile (for hold-out-a-centre splits).
+    whole_images : reassemble the tiles of each source image into one image first (needs
+        ``orig_instance_ids.json``: for every tile, the source image's nucleus id of each of its
+        instance ids; see :func:`locate_tiles`). Nuclei cut by tile borders become whole again,
+        and ``tile_size``/``stride`` can then cut the images anew.
     """
     folder = Path(folder)
     _require(folder, "tile folder")
@@ -855,7 +862,15 @@ def read_tile_folder(
                 return cand
         raise ConicQPError(f"instance map for tile {rel.as_posix()} not found in {inst_root}")
 
-    def items() -> Iterable[_Item]:
+    orig_ids: dict[str, list[int]] = {}
+    if whole_images:
+        ids_path = _require(folder / ORIG_IDS_FILE, f"{ORIG_IDS_FILE} (needed for whole images)")
+        try:
+            orig_ids = json.loads(ids_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConicQPError(f"{ids_path} is not valid JSON ({exc})") from exc
+
+    def tiles() -> Iterable[_Item]:
         for p, rel, name, source, tile_split in records:
             image = read_image(p)
             inst = read_label_image(find_inst(rel))
@@ -876,6 +891,19 @@ def read_tile_folder(
                 cls = instance_class_map(inst, ids, types, scheme.n_classes, str(mat_path))
             yield _Item(name, source, tile_split, centre or "", image, inst, cls)
 
+    def items() -> Iterable[_Item]:
+        if not whole_images:
+            yield from tiles()
+            return
+        by_source: dict[str, list[_Item]] = {}
+        for it in tiles():
+            by_source.setdefault(it.source, []).append(it)
+        for source, group in by_source.items():
+            image, inst, cls = _assemble(
+                [(it.name, it.image, it.inst, it.cls) for it in group], orig_ids, source
+            )
+            yield _Item(source, source, group[0].split, centre or "", image, inst, cls)
+
     return _finish(
         items(),
         scheme=scheme,
@@ -887,6 +915,214 @@ def read_tile_folder(
         tile_size=tile_size,
         stride=stride,
     )
+
+
+# --------------------------------------------------------------------------- whole images
+
+#: File of a tile folder mapping every tile's instance ids to its source image's nucleus ids.
+ORIG_IDS_FILE = "orig_instance_ids.json"
+
+
+def _seam_votes(a: np.ndarray, b: np.ndarray, along: int) -> Counter[tuple[int, int]]:
+    """Votes for ``b`` touching ``a`` on the right (``along`` = 1) or below (0), aligned.
+
+    Tiles cut on a grid that touch without overlapping share a row (or column) of tiles. A
+    nucleus cut by their seam carries the same id in a's last and b's first pixel line at some
+    common positions; each such nucleus is one vote.
+    """
+    if a.shape[1 - along] != b.shape[1 - along]:
+        return Counter()
+    ea = a[:, -1] if along == 1 else a[-1, :]
+    eb = b[:, 0] if along == 1 else b[0, :]
+    same = (ea > 0) & (ea == eb)
+    n = int(np.unique(ea[same]).size)
+    offset = (0, a.shape[1]) if along == 1 else (a.shape[0], 0)
+    return Counter({offset: n}) if n else Counter()
+
+
+def _overlap_votes(a: np.ndarray, b: np.ndarray) -> Counter[tuple[int, int]]:
+    """Offsets of ``b`` relative to ``a`` where their overlap agrees pixel for pixel.
+
+    Candidates come from the bounding boxes of nuclei seen in both tiles (one box side is uncut
+    in at least one of them); a candidate counts only if no overlapping pixel disagrees, and is
+    voted by the nuclei the overlap shows.
+    """
+    common = np.intersect1d(np.unique(a), np.unique(b))
+    common = common[common > 0]
+    cands: set[tuple[int, int]] = set()
+    for k in common:
+        ya, xa = np.nonzero(a == k)
+        yb, xb = np.nonzero(b == k)
+        for dy in {int(ya.min() - yb.min()), int(ya.max() - yb.max())}:
+            for dx in {int(xa.min() - xb.min()), int(xa.max() - xb.max())}:
+                cands.add((dy, dx))
+    votes: Counter[tuple[int, int]] = Counter()
+    for dy, dx in cands:
+        y0, y1 = max(0, dy), min(a.shape[0], dy + b.shape[0])
+        x0, x1 = max(0, dx), min(a.shape[1], dx + b.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            continue
+        oa, ob = a[y0:y1, x0:x1], b[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+        if np.array_equal(oa, ob) and oa.any():
+            votes[(dy, dx)] = int(np.unique(oa[oa > 0]).size)
+    return votes
+
+
+def _image_costs(a: np.ndarray, b: np.ndarray, along: int, max_overlap: int) -> tuple[float, int]:
+    """How well image ``b`` continues ``a`` to the right (``along`` = 1) or below (0), aligned.
+
+    Cost of the best overlap width ``w`` (0: the tiles touch): the mean absolute difference of
+    the ``w`` shared pixel lines (w > 0) or of the two lines facing each other across the seam
+    (w = 0), over the mean difference of neighbouring lines inside the tiles. Tiles cut from one
+    image score below 1 when they overlap (the same pixels, up to JPEG noise) and about 1 when
+    they touch; unrelated tiles score well above 1.
+    """
+    if along == 0:
+        a, b = a.transpose(1, 0, 2), b.transpose(1, 0, 2)
+    if a.shape[0] != b.shape[0]:
+        return math.inf, 0
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    inner = 0.5 * (
+        float(np.abs(a[:, -1] - a[:, -2]).mean()) + float(np.abs(b[:, 1] - b[:, 0]).mean())
+    )
+    inner = max(inner, 1.0)
+    best = (float(np.abs(a[:, -1] - b[:, 0]).mean()) / inner, 0)
+    # w = 1 compares the same two lines as a seam; from 2 on an overlap means shared pixels
+    for w in range(2, min(max_overlap, a.shape[1], b.shape[1]) + 1):
+        cost = float(np.abs(a[:, -w:] - b[:, :w]).mean()) / inner
+        best = min(best, (cost, w))
+    return best
+
+
+def _buddy_edges(
+    images: Sequence[np.ndarray], max_overlap: int
+) -> list[tuple[float, int, int, tuple[int, int]]]:
+    """Image-based placements of tile pairs that choose each other ("best buddies").
+
+    For every tile side the best-continuing other tile is found; a pair becomes an edge only when
+    each is the other's best match on the facing sides (the jigsaw-solver criterion that keeps
+    look-alike background tiles from being chained at random).
+    """
+    n = len(images)
+    edges = []
+    for along in (0, 1):
+        cost = np.full((n, n), math.inf)
+        width = np.zeros((n, n), dtype=np.int64)
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    cost[i, j], width[i, j] = _image_costs(images[i], images[j], along, max_overlap)
+        for i in range(n):
+            j = int(np.argmin(cost[i]))
+            if math.isfinite(cost[i, j]) and int(np.argmin(cost[:, j])) == i:
+                size = images[i].shape[along]
+                step = size - int(width[i, j])
+                offset = (0, step) if along == 1 else (step, 0)
+                # below any label evidence (>= 1 nucleus); better matches first
+                edges.append((0.5 / (1.0 + float(cost[i, j])), i, j, offset))
+    return edges
+
+
+def locate_tiles(
+    maps: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | None = None,
+    max_overlap: int = 64,
+) -> np.ndarray:
+    """Origins (y, x) of the tiles of one image, from instance maps with image-wide nucleus ids.
+
+    Tiles that overlap must agree pixel for pixel there; tiles that only touch (a grid without
+    overlap) are placed side by side, aligned, when their seam cuts nuclei (the same id on both
+    sides of it). Tiles without such evidence (sparse tissue) are placed by their ``images``:
+    pairs of tiles that continue each other best across a seam or an overlap of at most
+    ``max_overlap`` px. The placement is a maximum spanning tree of these pairwise offsets
+    (label evidence first, weighted by the nuclei supporting it), so tile order, size and stride
+    need not be known.
+
+    Returns
+    -------
+    (n, 2) int64 origins, the smallest being 0 on each axis.
+
+    Raises
+    ------
+    ConicQPError : some tile cannot be related to the others.
+    """
+    n = len(maps)
+    edges: list[tuple[float, int, int, tuple[int, int]]] = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = maps[i], maps[j]
+            votes = _overlap_votes(a, b)
+            for along in (0, 1):
+                votes.update(_seam_votes(a, b, along))
+                votes.update({(-dy, -dx): v for (dy, dx), v in _seam_votes(b, a, along).items()})
+            if votes:
+                offset, weight = votes.most_common(1)[0]
+                edges.append((float(weight), i, j, offset))
+    if images is not None:
+        edges += _buddy_edges(images, max_overlap)
+    origin: dict[int, tuple[int, int]] = {0: (0, 0)}
+    edges.sort(key=lambda e: -e[0])
+    while len(origin) < n:
+        for _, i, j, (dy, dx) in edges:
+            if (i in origin) != (j in origin):
+                if i in origin:
+                    origin[j] = (origin[i][0] + dy, origin[i][1] + dx)
+                else:
+                    origin[i] = (origin[j][0] - dy, origin[j][1] - dx)
+                break
+        else:
+            raise ConicQPError(
+                f"{n - len(origin)} of {n} tiles cannot be related to the others (no shared "
+                "nucleus, no matching edge); they cannot be placed in one image"
+            )
+    out = np.array([origin[i] for i in range(n)], dtype=np.int64)
+    out -= out.min(axis=0)
+    return out
+
+
+def paste_tiles(
+    tiles: Sequence[np.ndarray], origins: np.ndarray, what: str, check: bool = False
+) -> np.ndarray:
+    """One image from tiles at ``origins``; with ``check``, overlaps must agree and cover all."""
+    h = int(max(o[0] + t.shape[0] for o, t in zip(origins, tiles, strict=True)))
+    w = int(max(o[1] + t.shape[1] for o, t in zip(origins, tiles, strict=True)))
+    out = np.zeros((h, w, *tiles[0].shape[2:]), dtype=tiles[0].dtype)
+    seen = np.zeros((h, w), dtype=bool)
+    for (y, x), t in zip(origins, tiles, strict=True):
+        sl = (slice(int(y), int(y) + t.shape[0]), slice(int(x), int(x) + t.shape[1]))
+        if check and not np.array_equal(out[sl][seen[sl]], t[seen[sl]]):
+            raise ConicQPError(f"{what}: overlapping tiles disagree; they cannot be reassembled")
+        out[sl] = np.where(seen[sl].reshape(seen[sl].shape + (1,) * (t.ndim - 2)), out[sl], t)
+        seen[sl] = True
+    if check and not seen.all():
+        raise ConicQPError(f"{what}: the tiles leave holes; they do not form one image")
+    return out
+
+
+def _assemble(
+    records: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
+    orig_ids: Mapping[str, Sequence[int]],
+    source: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Image, image-wide instance map and class map of one source from its tiles."""
+    glob = []
+    for name, _, inst, _ in records:
+        if name not in orig_ids:
+            raise ConicQPError(f"tile {name} is not in {ORIG_IDS_FILE}; it cannot be reassembled")
+        lut = np.asarray([0, *orig_ids[name]], dtype=np.int64)
+        if int(inst.max(initial=0)) >= lut.size:
+            raise ConicQPError(
+                f"tile {name} has instance id {int(inst.max())} but {ORIG_IDS_FILE} lists "
+                f"{lut.size - 1}; the id file does not belong to these labels"
+            )
+        glob.append(lut[inst].astype(np.int32))
+    origins = locate_tiles(glob, [r[1] for r in records])
+    inst_img = paste_tiles(glob, origins, source, check=True)
+    image = paste_tiles([r[1] for r in records], origins, source)
+    cls_img = None
+    if records[0][3] is not None:
+        cls_img = paste_tiles([r[3] for r in records], origins, source)  # type: ignore[misc]
+    return image, inst_img, cls_img
 
 
 # --------------------------------------------------------------------------- NuCLS

@@ -21,11 +21,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "evaluate_checkpoint",
+    "evaluate_whole_images_checkpoint",
     "iter_probabilities",
     "labelled_truth",
     "load_eval_data",
     "parse_data_spec",
     "predicted_labels",
+    "whole_image_probabilities",
 ]
 
 
@@ -94,10 +96,7 @@ def evaluate_checkpoint(
     save_pred: str | Path | None = None,
 ) -> Any:
     """CoNIC scores of a checkpoint on labelled tiles, with its tuned thresholds for ``task``."""
-    from conic_qp.checkpoint import THRESHOLDS_TASK2_FILE
-    from conic_qp.inputs import read_json
     from conic_qp.metrics import evaluate
-    from conic_qp.postprocess import PostprocessParams
     from conic_qp.sinks import atomic_path
 
     if not data_specs:
@@ -105,15 +104,7 @@ def evaluate_checkpoint(
             f"{option('model')} needs labelled tiles: pass {option('data')} FORMAT:PATH[@SPLIT]"
         )
     ckpt, data = load_eval_data(model_path, data_specs, device=device, seed=seed)
-    thresholds = ckpt.thresholds
-    task2 = Path(model_path) / THRESHOLDS_TASK2_FILE
-    if task == 2 and task2.is_file():
-        thresholds = read_json(task2, "Task 2 thresholds", "re-run `conic-qp tune --task 2`")
-    params = (
-        PostprocessParams.from_json(thresholds)
-        if thresholds
-        else PostprocessParams.default(ckpt.classes.n_classes)
-    )
+    params = _thresholds(ckpt, Path(model_path), task)
     pred = predicted_labels(iter_probabilities(ckpt.model, data.images, tta, seed), params)
     true = labelled_truth(data)
     if save_pred is not None:
@@ -123,3 +114,114 @@ def evaluate_checkpoint(
                 np.save(fh, arr)  # a file object: np.save would append .npy to a path
     logger.info("scored %s on %d tiles", model_path, len(data))
     return evaluate(pred, true, ckpt.classes.names)
+
+
+def whole_image_probabilities(
+    model: Any, image: np.ndarray, tta: int = 1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(semantic, three_label) probabilities of one whole (H, W, 3) uint8 image in one pass.
+
+    The image is padded by reflection to a multiple of 32 and the padding cropped off again, so
+    images of any size run without tiling (whole CoNSeP images are 500 x 500 px at 0.5 um/px).
+    """
+    import torch
+
+    from conic_qp.model import SIZE_MULTIPLE
+    from conic_qp.tta import TTAConfig, predict_probabilities
+
+    h, w = image.shape[:2]
+    ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
+    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else image
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].float().div(255)
+    out = predict_probabilities(
+        [model], x.to(device), TTAConfig(passes=tta, mc_dropout=tta > 1), seed=seed
+    )
+    sem = out["semantic"][0, :, :h, :w].cpu().numpy()
+    tl = out["three_label"][0, :, :h, :w].cpu().numpy()
+    return sem, tl
+
+
+def evaluate_whole_images_checkpoint(
+    model_path: str | Path,
+    data_specs: Sequence[str],
+    tta: int = 1,
+    task: int = 1,
+    device: str = "auto",
+    seed: int = 0,
+) -> Any:
+    """Score a checkpoint on whole source images reassembled from overlapping tiles.
+
+    HoVer-Net's protocol: each image (e.g. a 1000 x 1000 px CoNSeP test image at 0.25 um/px) is
+    predicted whole at the model's um/px, the predicted label map is scaled back to the image's
+    own resolution (nearest neighbour) and scored there against the full-resolution truth:
+    binary PQ, DQ, SQ and AJI per image, HoVer-Net's type F1 from centroid pairing within 3 um,
+    and the class-pooled mPQ+. Only ``tiles`` folders with ``orig_instance_ids.json`` qualify.
+    """
+    from skimage.transform import resize
+
+    from conic_qp.checkpoint import load_checkpoint
+    from conic_qp.metrics import HOVERNET_RADIUS_UM, evaluate_whole_images
+    from conic_qp.model import resolve_device
+    from conic_qp.postprocess import postprocess
+    from conic_qp.train.data import read_tile_folder, resample_labelled
+
+    if not data_specs:
+        raise ConicQPError(
+            f"{option('whole_images')} needs labelled tiles: pass {option('data')} tiles:PATH[@SPLIT]"
+        )
+    ckpt = load_checkpoint(model_path, device=str(resolve_device(device)))
+    params = _thresholds(ckpt, Path(model_path), task)
+    scored: list[tuple[str, np.ndarray, np.ndarray]] = []
+    mpp = None
+    for spec in data_specs:
+        src = parse_data_spec(spec)
+        if src.format != "tiles":
+            raise ConicQPError(
+                f"{option('data')} {spec!r}: whole images are reassembled from a tiles folder with "
+                "orig_instance_ids.json; use tiles:PATH[@SPLIT]"
+            )
+        data = read_tile_folder(Path(src.path), split=src.split, whole_images=True)
+        if data.scheme is None or data.class_maps is None:
+            raise ConicQPError(f"{src.path} has no class labels; scoring needs labelled images")
+        if data.scheme.names != ckpt.classes.names:
+            raise ConicQPError(
+                f"{src.path} has classes {data.scheme.names} but the model predicts "
+                f"{ckpt.classes.names}; whole-image scoring needs the model's own class list"
+            )
+        mpp = data.mpp
+        for i in range(len(data)):
+            name = str(data.meta["name"].iloc[i])
+            image = np.asarray(data.images[i])
+            small, _, _ = resample_labelled(
+                image, np.zeros(image.shape[:2], np.int32), None, data.mpp / ckpt.mpp
+            )
+            sem, tl = whole_image_probabilities(ckpt.model, small, tta=tta, seed=seed + i)
+            inst = postprocess(sem, tl, params)
+            lut = np.concatenate([[0], inst.classes]).astype(np.int32)
+            pred = np.stack([inst.labels, lut[inst.labels]], axis=-1)
+            if pred.shape[:2] != image.shape[:2]:
+                pred = resize(
+                    pred, (*image.shape[:2], 2), order=0, preserve_range=True, anti_aliasing=False
+                ).astype(np.int32)
+            cls = np.where(data.class_maps[i] < 0, 0, data.class_maps[i])
+            true = np.stack([data.inst_maps[i], cls], axis=-1).astype(np.int32)
+            scored.append((name, true, pred))
+            logger.info("scored whole image %s", name)
+    assert mpp is not None
+    return evaluate_whole_images(scored, ckpt.classes.names, radius=HOVERNET_RADIUS_UM / mpp)
+
+
+def _thresholds(ckpt: Any, folder: Path, task: int) -> Any:
+    """The checkpoint's post-processing parameters for ``task`` (Task 2 file when asked)."""
+    from conic_qp.checkpoint import THRESHOLDS_TASK2_FILE
+    from conic_qp.inputs import read_json
+    from conic_qp.postprocess import PostprocessParams
+
+    thresholds = ckpt.thresholds
+    task2 = folder / THRESHOLDS_TASK2_FILE
+    if task == 2 and task2.is_file():
+        thresholds = read_json(task2, "Task 2 thresholds", "re-run `conic-qp tune --task 2`")
+    if thresholds:
+        return PostprocessParams.from_json(thresholds)
+    return PostprocessParams.default(ckpt.classes.n_classes)

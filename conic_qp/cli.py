@@ -73,6 +73,20 @@ def main(verbose: int, log_file: str | None) -> None:
     logging.basicConfig(level=logging.DEBUG if log_file else level, handlers=handlers, force=True)
 
 
+def _passive_omp_threads() -> None:
+    """Let idle OpenMP threads sleep instead of spinning, unless the user chose otherwise.
+
+    Must run before torch is imported. On a CPU shared with other jobs a spinning thread burns
+    the time its partner needs, and every operator waits for the slowest: training ran 10-20x
+    slower with two spinning threads than with passive ones on a loaded 2-core machine
+    (benchmarks/train_bench.py); on an idle machine the difference is small.
+    """
+    import os
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @main.command("evaluate")
 @click.option("--pred", "pred_path", default=None, metavar="P.npy", help="Predicted labels.")
 @click.option("--true", "true_path", default=None, metavar="T.npy", help="Ground-truth labels.")
@@ -138,6 +152,7 @@ def evaluate_cmd(
     --whole-images the tiles of each source image are also put back together (tiles folders with
     orig_instance_ids.json, e.g. CoNSeP) and every image is predicted and scored whole.
     """
+    _passive_omp_threads()
     import json
 
     from conic_qp.evaluate import evaluate_files, parse_class_names
@@ -210,6 +225,7 @@ def train_cmd(
     print_config: bool,
 ) -> None:
     """Train a model with the paper's recipe (II.A-E); keeps the checkpoint with the best mPQ+."""
+    _passive_omp_threads()
     from rich.progress import (
         BarColumn,
         Progress,
@@ -334,6 +350,7 @@ def tune_cmd(
     output: str | None,
 ) -> None:
     """Grid-search per-class post-processing thresholds on validation data (paper II.G)."""
+    _passive_omp_threads()
     from rich.table import Table
 
     from conic_qp.train.tune import tune_on_data

@@ -183,3 +183,42 @@ def test_bad_data_fails_before_training(tmp_path: Path, conic_folder: Path) -> N
     # An empty split.
     with pytest.raises(ConicQPError, match=r"split|centre"):
         prepare_data(_config(conic_folder, tmp_path / "o4", **{"data.split": "centre:nowhere"}))
+
+
+def test_speed_knobs_train_the_same_network(conic_folder: Path, tmp_path: Path) -> None:
+    # channels_last, bf16 autocast on CPU, a worker process and an explicit thread count change
+    # how a step runs, not what is trained: the run completes with finite losses and its
+    # checkpoint loads as an ordinary (contiguous, float) model.
+    torch.set_num_threads(1)
+    out = tmp_path / "knobs"
+    cfg = _config(
+        conic_folder,
+        out,
+        **{
+            "channels_last": "true",
+            "optim.bf16_cpu": "true",
+            "threads": "1",
+            "workers": "1",
+            "optim.steps": "3",
+            "validation.every": "3",
+        },
+    )
+    result = train(cfg)
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["loss"]]
+    assert result.steps == 3 and all(np.isfinite(float(r["loss"])) for r in rows)
+    best = load_checkpoint(out / "best")
+    weights = [p for p in best.model.parameters() if p.ndim == 4]
+    assert all(p.is_contiguous() and p.dtype == torch.float32 for p in weights)
+
+
+def test_encoder_learning_rate_scale(conic_folder: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "lr"
+    train(_config(conic_folder, out, **{"optim.encoder_lr_scale": "0.25", "optim.steps": "2"}))
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    decoder, encoder = state["optimizer"]["param_groups"]
+    assert encoder["lr"] == pytest.approx(0.25 * decoder["lr"])
+    n_encoder = sum(1 for _ in load_checkpoint(out / "last").model.encoder.parameters())
+    assert len(encoder["params"]) == n_encoder
+    with pytest.raises(ConicQPError, match="encoder_lr_scale"):
+        train(_config(conic_folder, tmp_path / "bad", **{"optim.encoder_lr_scale": "0"}))

@@ -337,6 +337,14 @@ def train_cmd(
     default=None,
     help="Write thresholds to this file instead of into the checkpoint.",
 )
+@click.option(
+    "--min-gain",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Keep a threshold change only if it raises the score by more than this (few "
+    "validation images: e.g. 0.005 against fitting noise).",
+)
 def tune_cmd(
     model_path: str,
     data_specs: tuple[str, ...],
@@ -348,12 +356,13 @@ def tune_cmd(
     seed: int,
     disable: tuple[str, ...],
     output: str | None,
+    min_gain: float,
 ) -> None:
     """Grid-search per-class post-processing thresholds on validation data (paper II.G)."""
     _passive_omp_threads()
     from rich.table import Table
 
-    from conic_qp.train.tune import tune_on_data
+    from conic_qp.train.tune import TuneGrid, tune_on_data
 
     results = tune_on_data(
         model_path,
@@ -369,6 +378,7 @@ def tune_cmd(
         ),
         disable=disable,
         output=output,
+        grid=TuneGrid(min_gain=min_gain),
     )
     table = Table(title=f"tuned thresholds of {model_path}")
     for col in ("task", "score", "before", "evaluations", "written to"):

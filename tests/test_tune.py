@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -150,3 +151,23 @@ def test_evaluate_cli_scores_a_checkpoint_on_labelled_tiles(tmp_path: Path) -> N
     assert again.exit_code == 0 and json.loads(again.stdout) == scores
     both = CliRunner().invoke(main, ["evaluate", "--model", str(ckpt), "--pred", str(pred)])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_min_gain_keeps_only_changes_that_raise_the_score_enough() -> None:
+    _, labels = synthetic_dataset(3, size=64, seed=4, n_classes=3)
+    probs = _weak_probabilities(labels, 3, strength=0.55)
+    start = PostprocessParams.uniform(3, fg=0.5, seed=0.7, min_size=0, min_solidity=0.0)
+    names = ["a", "b", "c"]
+    free = tune_thresholds(probs, labels, names, grid=GRID, start=start)
+    gains = np.diff([t["score"] for t in free.trace])
+    assert len(gains) >= 2
+    margin = float(np.sort(gains)[len(gains) // 2])  # half of the changes gain less than this
+    strict = tune_thresholds(
+        probs, labels, names, grid=dataclasses.replace(GRID, min_gain=margin), start=start
+    )
+    strict_gains = np.diff([t["score"] for t in strict.trace])
+    assert len(strict_gains) >= 1 and np.all(strict_gains > margin)
+    frozen = tune_thresholds(
+        probs, labels, names, grid=dataclasses.replace(GRID, min_gain=1.0), start=start
+    )
+    assert frozen.params == start and frozen.score == frozen.start_score

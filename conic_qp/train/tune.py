@@ -40,7 +40,12 @@ ABLATION_FLAGS = (
 
 @dataclass(frozen=True)
 class TuneGrid:
-    """Candidate values; sizes are in pixels at the model's um/px."""
+    """Candidate values; sizes are in pixels at the model's um/px.
+
+    ``min_gain``: a change is kept only if it raises the score by more than this. With few
+    validation images, per-class thresholds otherwise follow the noise of a handful of nuclei
+    (0 keeps every improvement, as the paper's search).
+    """
 
     fg: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
     seed: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
@@ -48,6 +53,7 @@ class TuneGrid:
     max_size: tuple[int | None, ...] = (None, 1000, 2000)
     min_solidity: tuple[float, ...] = (0.0, 0.6, 0.7, 0.8)
     rounds: int = 2
+    min_gain: float = 0.0
 
 
 @dataclass
@@ -105,6 +111,7 @@ def tune_thresholds(
                 on_progress(evaluations, cache[key])
         return cache[key]
 
+    margin = max(1e-9, float(grid.min_gain))
     start_score = best = score(params)
     trace: list[dict[str, Any]] = [{"step": "start", "score": best}]
     for _ in range(grid.rounds):
@@ -120,7 +127,7 @@ def tune_thresholds(
                     agnostic_seed=s_ if not params.class_specific_seed else params.agnostic_seed,
                 )
                 sc = score(cand)
-                if sc > best + 1e-9:
+                if sc > best + margin:
                     best, params, improved = sc, cand, True
                     trace.append({"step": "agnostic fg/seed", "change": [f, s_], "score": sc})
         for cid in range(1, n_classes + 1):
@@ -147,7 +154,7 @@ def tune_thresholds(
                 for change in candidates:
                     cand = params.with_class(cid, **change)
                     s = score(cand)
-                    if s > best + 1e-9:
+                    if s > best + margin:
                         best, params, improved = s, cand, True
                         trace.append({"step": f"class {cid} {name}", "change": change, "score": s})
         if not improved:

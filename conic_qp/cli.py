@@ -428,7 +428,11 @@ _model_options = _options(
 _tta_options = _options(
     click.option("--tta", "tta_passes", type=int, default=16, show_default=True,
                  help="Test-time augmentation passes per model (paper: 16)."),
-    click.option("--no-mc-dropout", is_flag=True, help="Disable dropout at test time."),
+    click.option(
+        "--no-mc-dropout",
+        is_flag=True,
+        help="Disable dropout at test time (default: as the checkpoint says).",
+    ),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Makes TTA reproducible."),
     click.option("--batch-size", type=int, default=2, show_default=True,
@@ -508,7 +512,9 @@ def _predict_settings(engine: dict[str, Any]) -> Any:
         block_margin=engine["block_margin"],
         halo=engine["halo"],
         batch_size=engine["batch_size"],
-        tta=TTAConfig(passes=engine["tta_passes"], mc_dropout=not engine["no_mc_dropout"]),
+        tta=TTAConfig(
+            passes=engine["tta_passes"], mc_dropout=False if engine["no_mc_dropout"] else None
+        ),
         seed=engine["seed"],
         device=engine["device"],
         amp=engine["amp"],
@@ -642,7 +648,7 @@ def annotate_cmd(
     settings = PredictSettings(
         tile_size=tile_size,
         batch_size=batch_size,
-        tta=TTAConfig(passes=tta_passes, mc_dropout=not no_mc_dropout),
+        tta=TTAConfig(passes=tta_passes, mc_dropout=False if no_mc_dropout else None),
         seed=seed,
         device=device,
         workers=workers,

@@ -241,6 +241,10 @@ class ConicNet(nn.Module):
     input_mean: torch.Tensor
     input_std: torch.Tensor
 
+    #: MC dropout when a TTA setting leaves it to the model (:func:`conic_qp.tta.mc_dropout_for`);
+    #: a checkpoint's ``inference.mc_dropout`` sets it (the paper: on).
+    mc_dropout_default: bool = True
+
     def __init__(self, config: ModelConfig, *, load_pretrained: bool = True) -> None:
         super().__init__()
         self.config = config

@@ -34,7 +34,9 @@ class TTAConfig:
     Attributes
     ----------
     passes : forward passes per model; ensembles multiply them.
-    mc_dropout : keep dropout active at inference (MC dropout).
+    mc_dropout : keep dropout active at inference (MC dropout); None leaves it to each network
+        (:func:`mc_dropout_for`: its checkpoint's ``inference.mc_dropout``, else on as in the
+        paper).
     dihedral : random flips and 90 degree rotations.
     hed_sigma : std of the per-channel HED contrast factor (1 + N(0, sigma)).
     hed_bias : std of the per-channel HED additive bias (optical-density units).
@@ -43,7 +45,7 @@ class TTAConfig:
     """
 
     passes: int = 16
-    mc_dropout: bool = True
+    mc_dropout: bool | None = None
     dihedral: bool = True
     hed_sigma: float = 0.05
     hed_bias: float = 0.01
@@ -161,6 +163,16 @@ def _draw_pass(config: TTAConfig, rng: np.random.Generator, square: bool) -> Pas
     return PassPlan(k, tuple(float(v) for v in scale), tuple(float(v) for v in bias))  # type: ignore[arg-type]
 
 
+def mc_dropout_for(model: nn.Module, config: TTAConfig) -> bool:
+    """Whether ``model`` runs with MC dropout under ``config``: the setting when it says, else
+    the network's own default (``ConicNet.mc_dropout_default``; exported networks: the network
+    they wrap; other modules: on)."""
+    if config.mc_dropout is not None:
+        return config.mc_dropout
+    inner = getattr(model, "net", model)
+    return bool(getattr(inner, "mc_dropout_default", True))
+
+
 @torch.no_grad()
 def predict_probabilities(
     models: Sequence[nn.Module],
@@ -201,7 +213,7 @@ def predict_probabilities(
     for m, model in enumerate(models):
         was_training = model.training
         model.eval()
-        set_mc_dropout(model, config.mc_dropout)
+        set_mc_dropout(model, mc_dropout_for(model, config))
         try:
             square = images.shape[-1] == images.shape[-2]
             if seeds is not None:

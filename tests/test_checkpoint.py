@@ -237,6 +237,9 @@ def test_missing_config_or_weights(saved: Path) -> None:
             {"model": {"encoder": "test_efficientnet", "n_classes": 6, "dropout": 0.1}},
             "unknown model config keys",
         ),
+        ({"inference": {"mc_dropout": "no"}}, "must be true or false"),
+        ({"inference": {"passes": 4}}, "only 'mc_dropout'"),
+        ({"inference": [False]}, "only 'mc_dropout'"),
     ],
 )
 def test_bad_config(saved: Path, changes: dict[str, object], match: str) -> None:
@@ -338,3 +341,15 @@ def test_load_on_gpu_matches_cpu(saved: Path) -> None:
         a = cpu.model(x)["semantic"]
         b = gpu.model(x.cuda())["semantic"].cpu()
     assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_inference_recommendation_round_trip(tmp_path: Path, model: ConicNet) -> None:
+    # a checkpoint measured to do better without MC dropout says so; the loaded network carries it
+    path = save_checkpoint(tmp_path / "c", model, CONIC, 0.5, inference={"mc_dropout": False})
+    assert json.loads((path / CONFIG_FILE).read_text())["inference"] == {"mc_dropout": False}
+    assert load_checkpoint(path).model.mc_dropout_default is False
+    plain = save_checkpoint(tmp_path / "d", model, CONIC, 0.5)
+    assert "inference" not in json.loads((plain / CONFIG_FILE).read_text())
+    assert load_checkpoint(plain).model.mc_dropout_default is True  # the paper's default
+    with pytest.raises(ConicQPError, match="must be true or false"):
+        save_checkpoint(tmp_path / "e", model, CONIC, 0.5, inference={"mc_dropout": 0})

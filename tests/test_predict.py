@@ -286,6 +286,7 @@ def test_outputs_run_json_and_geojson(synth: np.ndarray, tmp_path: Path) -> None
     assert run["settings"]["tile_size"] == 128 and run["settings"]["tta"]["passes"] == 1
     assert run["version"] == 2 and run["blending"]["window"] == "gaussian"
     assert run["runtime"] == ["torch"]
+    assert run["mc_dropout"] == [False]  # settings(): 1 pass, no MC dropout
     assert run["settings"]["overlap"] == 64 and run["settings"]["se_window"] == 160
     assert run["grid"]["panels"] == 3 and run["grid"]["tiles_run"] == res.n_tiles
     assert {"read_s", "network_s", "blend_s", "postprocess_s", "write_s", "total_s"} <= set(

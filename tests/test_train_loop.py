@@ -79,6 +79,7 @@ def test_short_run_trains_validates_and_resumes(conic_folder: Path, tmp_path: Pa
     torch.set_num_threads(1)
     out = tmp_path / "run"
     cfg = _config(conic_folder, out)
+    cfg.inference.mc_dropout = False  # the recipe's measured inference setting reaches checkpoints
     events: list[str] = []
     result = train(cfg, on_event=lambda kind, info: events.append(kind))
     assert result.steps == 4
@@ -91,6 +92,7 @@ def test_short_run_trains_validates_and_resumes(conic_folder: Path, tmp_path: Pa
     best = load_checkpoint(out / "best")
     assert best.classes.n_classes == 6 and best.mpp == 0.5
     assert best.thresholds is not None and best.training is not None
+    assert best.model.mc_dropout_default is False
     # A second run into the same folder is refused unless resumed.
     with pytest.raises(ConicQPError, match="--resume"):
         train(cfg)

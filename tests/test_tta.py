@@ -13,6 +13,7 @@ from conic_qp.tta import (
     dihedral,
     dihedral_inverse,
     hed_augment,
+    mc_dropout_for,
     plan_passes,
     predict_probabilities,
 )
@@ -113,6 +114,21 @@ def test_mc_dropout_changes_passes_and_seed_reproduces() -> None:
     model.train()
     predict_probabilities([model], x, cfg, seed=1)
     assert model.training  # a model in training mode is handed back as it was
+
+
+def test_mc_dropout_left_to_the_network_follows_its_default() -> None:
+    x = torch.rand(1, 3, 8, 8)
+    cfg = TTAConfig(passes=4, dihedral=False, hed_sigma=0, hed_bias=0, intensity=0)
+    assert cfg.mc_dropout is None  # by default TTA asks each network
+    on, off = PointwiseNet(p=0.5).eval(), PointwiseNet(p=0.5).eval()
+    off.mc_dropout_default = False  # what a checkpoint's inference.mc_dropout = false sets
+    assert mc_dropout_for(on, cfg) and not mc_dropout_for(off, cfg)
+    assert mc_dropout_for(off, TTAConfig(mc_dropout=True))  # an explicit setting wins
+    plain = predict_probabilities([off], x, TTAConfig(passes=1, mc_dropout=False))
+    got_off = predict_probabilities([off], x, cfg, seed=3)
+    got_on = predict_probabilities([on], x, cfg, seed=3)
+    assert torch.allclose(got_off["semantic"], plain["semantic"], atol=1e-6)  # 4 equal passes
+    assert not torch.allclose(got_on["semantic"], plain["semantic"], atol=1e-3)
 
 
 def test_ensemble_counts_as_more_passes() -> None:

@@ -102,6 +102,17 @@ class ValidationSection:
 
 
 @dataclass
+class InferenceSection:
+    """How the trained model is best run, written into its checkpoints (``inference``).
+
+    ``mc_dropout``: whether TTA keeps dropout on when the user leaves it to the model (the
+    paper: on; switch it off when MC dropout is measured to lower the validation scores).
+    """
+
+    mc_dropout: bool = True
+
+
+@dataclass
 class TrainConfig:
     """The whole training recipe (defaults: paper II.E).
 
@@ -128,6 +139,7 @@ class TrainConfig:
     balance: BalanceSection = field(default_factory=BalanceSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    inference: InferenceSection = field(default_factory=InferenceSection)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -270,5 +282,6 @@ def _section_types(cls: Any) -> dict[str, Any]:
             "balance": BalanceSection,
             "validation": ValidationSection,
             "augment": AugmentConfig,
+            "inference": InferenceSection,
         }
     return {}

@@ -865,10 +865,7 @@ def read_tile_folder(
     orig_ids: dict[str, list[int]] = {}
     if whole_images:
         ids_path = _require(folder / ORIG_IDS_FILE, f"{ORIG_IDS_FILE} (needed for whole images)")
-        try:
-            orig_ids = json.loads(ids_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConicQPError(f"{ids_path} is not valid JSON ({exc})") from exc
+        orig_ids = read_json(ids_path, ORIG_IDS_FILE, "restore it from the data set's release")
 
     def tiles() -> Iterable[_Item]:
         for p, rel, name, source, tile_split in records:

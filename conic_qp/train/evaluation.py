@@ -135,7 +135,10 @@ def whole_image_probabilities(
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].float().div(255)
     out = predict_probabilities(
-        [model], x.to(device), TTAConfig(passes=tta, mc_dropout=tta > 1), seed=seed
+        [model],
+        x.to(device),
+        TTAConfig(passes=tta, mc_dropout=None if tta > 1 else False),
+        seed=seed,
     )
     sem = out["semantic"][0, :, :h, :w].cpu().numpy()
     tl = out["three_label"][0, :, :h, :w].cpu().numpy()

@@ -16,6 +16,7 @@ Output folder layout::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -465,6 +466,7 @@ def train(
             thresholds=postprocess_params.to_json(),
             training={**training_info, **extra},
             half=config.half_checkpoint and folder == "best",
+            inference=dataclasses.asdict(config.inference),
         )
 
     def save_state() -> None:

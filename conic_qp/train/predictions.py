@@ -24,7 +24,8 @@ def iter_probabilities(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(semantic, three_label) probabilities of each (N, H, W, 3) uint8 tile, one at a time.
 
-    ``tta`` = 1 is a plain eval-mode forward pass; more passes add TTA and MC dropout. Tiles are
+    ``tta`` = 1 is a plain eval-mode forward pass; more passes add TTA, and MC dropout as the
+    checkpoint says (:func:`conic_qp.tta.mc_dropout_for`). Tiles are
     yielded as they are computed, so scoring many tiles never holds all their probabilities.
     """
     import torch
@@ -32,7 +33,7 @@ def iter_probabilities(
     from conic_qp.tta import TTAConfig, predict_probabilities
 
     device = next(model.parameters()).device
-    cfg = TTAConfig(passes=tta, mc_dropout=tta > 1)
+    cfg = TTAConfig(passes=tta, mc_dropout=None if tta > 1 else False)
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(images[i : i + batch_size])))
         x = x.permute(0, 3, 1, 2).float().div(255).to(device)

@@ -327,7 +327,13 @@ def train_cmd(
     "--disable",
     multiple=True,
     type=click.Choice(
-        ["class_specific_seed", "class_specific_fg", "split_and_size_filter", "solidity_filter"]
+        [
+            "class_specific_seed",
+            "class_specific_fg",
+            "split_and_size_filter",
+            "solidity_filter",
+            "per_class_watershed",
+        ]
     ),
     help="Switch a post-processing step off (paper table IV ablation; repeatable).",
 )

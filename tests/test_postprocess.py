@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -152,6 +153,31 @@ def test_touching_different_classes_split_at_class_border_without_seed_gap() -> 
     assert (out.labels[2:10, 2:8] == left).all() and (out.labels[2:10, 8:14] == right).all()
 
 
+def test_class_agnostic_watershed_keeps_a_nucleus_across_class_regions_whole() -> None:
+    # the blob above, now a nucleus whose class maps split 3:1 (what the network gives when
+    # unsure): the paper's per-class watershed cuts it at the class border; without it the
+    # nucleus stays one instance of its majority class
+    inst = np.zeros((12, 16), dtype=np.int32)
+    inst[2:10, 2:14] = 1
+    tl = onehot(np.where(inst > 0, 1, 0), 3)
+    cls = np.where(inst > 0, np.where(np.arange(16)[None, :] < 11, 1, 2), 0)
+    sem = onehot(cls, 3)
+    per_class = PostprocessParams.uniform(2, **PERMISSIVE)
+    assert postprocess(sem, tl, per_class).n == 2
+    agnostic = dataclasses.replace(per_class, per_class_watershed=False)
+    out = postprocess(sem, tl, agnostic)
+    assert out.n == 1 and out.classes.tolist() == [1]
+    assert ((out.labels > 0) == (inst > 0)).all()
+    labels, label_class = watershed_instances(sem, tl, agnostic)
+    assert label_class[labels[5, 12]] == 1  # thresholds of the class most seed pixels have
+    # two nuclei of different classes separated by a predicted boundary stay two
+    tl2 = tl.copy()
+    tl2[:, :, 10] = 0
+    tl2[2, 2:10, 10] = 1.0  # boundary column between them
+    two = postprocess(sem, tl2, agnostic)
+    assert two.n == 2 and sorted(two.classes.tolist()) == [1, 2]
+
+
 def test_class_specific_foreground_threshold_and_ablation_switch() -> None:
     h, w = 10, 20
     fg_prob = np.zeros((h, w), np.float32)
@@ -223,6 +249,43 @@ def reference_watershed(sem: np.ndarray, tl: np.ndarray, params: PostprocessPara
         labels[ws > 0] = ws[ws > 0] + offset
         offset += int(markers.max())
     return labels
+
+
+def reference_agnostic_watershed(
+    sem: np.ndarray, tl: np.ndarray, params: PostprocessParams
+) -> np.ndarray:
+    """The class-agnostic variant written plainly: per-pixel thresholds of the pixel's class,
+    one watershed over all classes."""
+    region = np.argmax(sem[1:], axis=0) + 1
+    fg_thr = np.array([1.0] + [params.fg(c) for c in range(1, params.n_classes + 1)])[region]
+    seed_thr = np.array([1.0] + [params.seed(c) for c in range(1, params.n_classes + 1)])[region]
+    fg = tl[1] + tl[2] > fg_thr
+    markers = sk_label(fg & (tl[1] > seed_thr), connectivity=2)
+    return watershed(-tl[1].astype(np.float64), markers, mask=fg, connectivity=1)
+
+
+@pytest.mark.parametrize("per_class", [True, False])
+def test_watershed_equals_plain_watersheds_on_crowded_maps(per_class: bool) -> None:
+    rng = np.random.default_rng(5)
+    inst = np.zeros((100, 110), dtype=np.int32)
+    for k in range(1, 70):
+        r, c = rng.integers(0, 100), rng.integers(0, 110)
+        rr, cc = ellipse(r, c, rng.uniform(2, 8), rng.uniform(2, 8), shape=inst.shape)
+        inst[rr, cc] = k
+    sem, tl = probs_from_targets(inst, np.r_[0, rng.integers(1, 4, 70)], 3)
+    sem = ndi.gaussian_filter(sem + 0.6 * rng.random(sem.shape).astype(np.float32), (0, 1, 1))
+    sem /= sem.sum(axis=0)
+    tl = ndi.gaussian_filter(tl + 0.4 * rng.random(tl.shape).astype(np.float32), (0, 1.5, 1.5))
+    tl = (tl / tl.sum(axis=0)).astype(np.float32)
+    params = dataclasses.replace(
+        PostprocessParams.uniform(3, **PERMISSIVE).with_class(2, fg=0.4, seed=0.45),
+        per_class_watershed=per_class,
+    )
+    labels, _ = watershed_instances(sem, tl, params)
+    ref = (reference_watershed if per_class else reference_agnostic_watershed)(sem, tl, params)
+    assert len(np.unique(ref)) > 30 and same_partition(labels, ref)
+    if not per_class:  # fewer instances: nothing is cut at a class border
+        assert len(np.unique(labels)) < len(np.unique(reference_watershed(sem, tl, params)))
 
 
 @pytest.mark.parametrize("levels", [0, 8])

@@ -171,3 +171,30 @@ def test_min_gain_keeps_only_changes_that_raise_the_score_enough() -> None:
         probs, labels, names, grid=dataclasses.replace(GRID, min_gain=1.0), start=start
     )
     assert frozen.params == start and frozen.score == frozen.start_score
+
+
+def test_tuning_keeps_nuclei_whole_when_class_maps_split_them() -> None:
+    # right, certain instance maps; class maps that give the right third of every nucleus
+    # another class (an unsure network): the per-class watershed cuts every nucleus in two
+    _, labels = synthetic_dataset(3, size=64, seed=4, n_classes=3)
+    probs = []
+    for lab in labels:
+        sem, three = _weak_probabilities(lab[None], 3, strength=0.9)[0]
+        cls = lab[..., 1].copy()
+        cols = np.arange(lab.shape[1])[None, :].repeat(lab.shape[0], 0)
+        for i in np.unique(lab[..., 0])[1:]:
+            m = lab[..., 0] == i
+            right = m & (cols > np.percentile(cols[m], 67))
+            cls[right] = cls[m][0] % 3 + 1
+        sem = np.stack([(cls == c).astype(np.float32) for c in range(4)])
+        probs.append((sem, three))
+    start = PostprocessParams.uniform(3, fg=0.5, seed=0.5, min_size=0, min_solidity=0.0)
+    names = ["a", "b", "c"]
+    tuned = tune_thresholds(probs, labels, names, grid=GRID, start=start)
+    assert tuned.params.per_class_watershed is False
+    assert any(t["step"] == "watershed" for t in tuned.trace)
+    assert tuned.score > tuned.start_score + 0.1
+    fixed = tune_thresholds(
+        probs, labels, names, grid=dataclasses.replace(GRID, watershed=False), start=start
+    )
+    assert fixed.params.per_class_watershed is True and fixed.score < tuned.score

@@ -35,6 +35,7 @@ ABLATION_FLAGS = (
     "class_specific_fg",
     "split_and_size_filter",
     "solidity_filter",
+    "per_class_watershed",
 )
 
 
@@ -44,7 +45,9 @@ class TuneGrid:
 
     ``min_gain``: a change is kept only if it raises the score by more than this. With few
     validation images, per-class thresholds otherwise follow the noise of a handful of nuclei
-    (0 keeps every improvement, as the paper's search).
+    (0 keeps every improvement, as the paper's search). ``watershed``: also try delineating
+    instances across class regions (``PostprocessParams.per_class_watershed`` off), which keeps
+    a nucleus the network is unsure about whole instead of cutting it at a class border.
     """
 
     fg: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
@@ -54,6 +57,7 @@ class TuneGrid:
     min_solidity: tuple[float, ...] = (0.0, 0.6, 0.7, 0.8)
     rounds: int = 2
     min_gain: float = 0.0
+    watershed: bool = True
 
 
 @dataclass
@@ -116,6 +120,12 @@ def tune_thresholds(
     trace: list[dict[str, Any]] = [{"step": "start", "score": best}]
     for _ in range(grid.rounds):
         improved = False
+        if grid.watershed:
+            cand = dataclasses.replace(params, per_class_watershed=not params.per_class_watershed)
+            sc = score(cand)
+            if sc > best + margin:
+                best, params, improved = sc, cand, True
+                trace.append({"step": "watershed", "change": cand.per_class_watershed, "score": sc})
         if not (params.class_specific_fg and params.class_specific_seed):
             # Table IV ablation: one threshold pair for all classes.
             for f, s_ in itertools.product(grid.fg, grid.seed):
@@ -195,7 +205,8 @@ def tune_on_data(
     """Load a checkpoint and validation data, tune each task, write the thresholds files.
 
     ``disable`` switches off post-processing steps (table IV: ``class_specific_seed``,
-    ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``); ``output`` writes the
+    ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``,
+    ``per_class_watershed``); ``output`` writes the
     thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint.
     """
     from conic_qp.train.evaluation import load_eval_data
@@ -212,6 +223,8 @@ def tune_on_data(
         raise ConicQPError(f"cannot disable {unknown}; choose from {', '.join(ABLATION_FLAGS)}")
     switches: dict[str, Any] = {flag: False for flag in disable}
     start = dataclasses.replace(start, **switches)
+    if "per_class_watershed" in disable:
+        grid = dataclasses.replace(grid, watershed=False)  # the user chose the delineation
     probs = list(iter_probabilities(ckpt.model, val.images, tta, seed))  # re-scored per grid point
     true = labelled_truth(val)
     results = []

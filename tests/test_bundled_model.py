@@ -53,7 +53,7 @@ def test_bundled_model_still_finds_consep_nuclei(shared_data: Path) -> None:
     result = evaluate_checkpoint(
         default_model_path(), [f"tiles:{shared_data / 'consep'}@test"], device="cpu"
     )
-    # docs/models.md: binary PQ 0.345, mPQ+ 0.278 on the 224 test tiles (the previous model:
+    # docs/models.md: binary PQ 0.360, mPQ+ 0.286 on the 224 test tiles (the previous model:
     # 0.276 / 0.209); a broken or wrongly converted model scores far lower.
     assert result.pq > 0.32 and result.mpq_plus > 0.25
     assert np.isfinite(result.r2)

@@ -19,6 +19,8 @@ import csv
 import dataclasses
 import logging
 import math
+import multiprocessing
+import multiprocessing.context
 import os
 import pickle
 import random
@@ -244,6 +246,11 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
     return state
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _worker_init(worker_id: int) -> None:
     watch_parent()  # the worker ends with the training process (also after SIGKILL)
     info = torch.utils.data.get_worker_info()
@@ -446,6 +453,9 @@ def train(
         # Workers live across epochs: small data sets have short epochs, and restarting the
         # workers every epoch would cost more than the overlap gains.
         persistent_workers=config.workers > 0,
+        # Not fork: the training process may already run threads (OpenMP, an ONNX Runtime or
+        # OpenVINO pool in a notebook or test session) that a forked child would inherit broken.
+        multiprocessing_context=_worker_context() if config.workers > 0 else None,
     )
     metrics_log = _MetricsLog(out / "metrics.csv")
     postprocess_params = PostprocessParams.default(scheme.n_classes)

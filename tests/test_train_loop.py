@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -205,9 +207,14 @@ def test_speed_knobs_train_the_same_network(conic_folder: Path, tmp_path: Path) 
             "validation.every": "3",
         },
     )
+    sigchld = signal.getsignal(signal.SIGCHLD)
     result = train(cfg)
     rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["loss"]]
     assert result.steps == 3 and all(np.isfinite(float(r["loss"])) for r in rows)
+    # the run leaves the process as it found it: no data worker left, SIGCHLD handled as before
+    # (PyTorch's handler, left installed, crashed the test session at a later child's exit)
+    assert not multiprocessing.active_children()
+    assert signal.getsignal(signal.SIGCHLD) is sigchld
     best = load_checkpoint(out / "best")
     weights = [p for p in best.model.parameters() if p.ndim == 4]
     assert all(p.is_contiguous() and p.dtype == torch.float32 for p in weights)

@@ -24,6 +24,8 @@ import multiprocessing.context
 import os
 import pickle
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -244,6 +246,36 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
             "state; delete it or choose another output folder"
         )
     return state
+
+
+def _sigchld_handler() -> Any:
+    """The process's SIGCHLD handler before a loader's workers start (None where there is none
+    to keep: Windows, or not the main thread)."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGCHLD)
+
+
+def _end_workers(loader: DataLoader, sigchld: Any) -> None:
+    """Leave the process as training found it: the loader's persistent workers ended now, not
+    when it is garbage-collected, and SIGCHLD handled as before.
+
+    PyTorch installs a SIGCHLD handler for its workers and never removes it; in a process that
+    goes on to start and reap other children under an alternate signal stack (``faulthandler``,
+    as pytest enables) every later child exit is then delivered to it, which crashed a whole
+    test session with SIGSEGV on this machine.
+    """
+    it = getattr(loader, "_iterator", None)
+    shutdown = getattr(it, "_shutdown_workers", None)  # PyTorch's own clean-up of the iterator
+    if callable(shutdown):
+        shutdown()
+    if sigchld is not None and signal.getsignal(signal.SIGCHLD) is not sigchld:
+        signal.signal(signal.SIGCHLD, sigchld)
+        # let a later loader install its handler again (PyTorch sets it once per process)
+        from torch.utils.data._utils import signal_handling
+
+        if hasattr(signal_handling, "_SIGCHLD_handler_set"):
+            signal_handling._SIGCHLD_handler_set = False
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -514,76 +546,80 @@ def train(
     loss_fn.train()
     accum = config.optim.grad_accum
     micro = 0
-    while step < config.optim.steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            images = batch["image"].contiguous(memory_format=memory_format)
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=use_amp):
-                outputs = model(images)
-            outputs = {k: v.float() for k, v in outputs.items()}
-            parts = loss_fn(outputs, batch)
-            if not torch.isfinite(parts["loss"]):
-                raise ConicQPError(
-                    f"training loss became {parts['loss'].item()} at step {step}; lower optim.lr or disable optim.amp"
-                )
-            scaler.scale(parts["loss"] / accum).backward()
-            micro += 1
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + float(v.detach())
-            n_running += 1
-            if micro % accum:
-                continue
-            if config.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            if step % config.log_every == 0 or step == config.optim.steps:
-                row = {k: v / n_running for k, v in running.items()}
-                row.update(
-                    step=step,
-                    time_s=round(time.perf_counter() - t0, 1),
-                    lr=float(scheduler.get_last_lr()[0]),
-                )
-                metrics_log.write(row)
-                history.append(row)
-                emit("step", row)
-                logger.info("step %d loss %.4f", step, row["loss"])
-                running, n_running = {}, 0
-            if step % config.validation.every == 0 or step == config.optim.steps:
-                result = validate(
-                    model,
-                    data.val,
-                    scheme,
-                    postprocess_params,
-                    config.validation.batch_size,
-                )
-                model.train()
-                row = {
-                    "step": step,
-                    "time_s": round(time.perf_counter() - t0, 1),
-                    "val_pq": result.pq,
-                    "val_mpq_plus": result.mpq_plus,
-                    "val_r2": result.r2,
-                }
-                metrics_log.write(row)
-                history.append(row)
-                improved = result.mpq_plus > best_mpq
-                if improved:
-                    best_mpq = result.mpq_plus
-                    save("best", {"steps": step, "val": result.to_json()})
-                emit("validation", {**row, "best": best_mpq, "improved": improved})
-                logger.info("step %d val PQ %.4f mPQ+ %.4f", step, result.pq, result.mpq_plus)
-                save_state()
-            elif step % config.checkpoint_every == 0:
-                save_state()
-            if step >= config.optim.steps:
-                break
-        epoch += 1
+    sigchld = _sigchld_handler()
+    try:
+        while step < config.optim.steps:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                images = batch["image"].contiguous(memory_format=memory_format)
+                with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=use_amp):
+                    outputs = model(images)
+                outputs = {k: v.float() for k, v in outputs.items()}
+                parts = loss_fn(outputs, batch)
+                if not torch.isfinite(parts["loss"]):
+                    raise ConicQPError(
+                        f"training loss became {parts['loss'].item()} at step {step}; lower optim.lr or disable optim.amp"
+                    )
+                scaler.scale(parts["loss"] / accum).backward()
+                micro += 1
+                for k, v in parts.items():
+                    running[k] = running.get(k, 0.0) + float(v.detach())
+                n_running += 1
+                if micro % accum:
+                    continue
+                if config.optim.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                if step % config.log_every == 0 or step == config.optim.steps:
+                    row = {k: v / n_running for k, v in running.items()}
+                    row.update(
+                        step=step,
+                        time_s=round(time.perf_counter() - t0, 1),
+                        lr=float(scheduler.get_last_lr()[0]),
+                    )
+                    metrics_log.write(row)
+                    history.append(row)
+                    emit("step", row)
+                    logger.info("step %d loss %.4f", step, row["loss"])
+                    running, n_running = {}, 0
+                if step % config.validation.every == 0 or step == config.optim.steps:
+                    result = validate(
+                        model,
+                        data.val,
+                        scheme,
+                        postprocess_params,
+                        config.validation.batch_size,
+                    )
+                    model.train()
+                    row = {
+                        "step": step,
+                        "time_s": round(time.perf_counter() - t0, 1),
+                        "val_pq": result.pq,
+                        "val_mpq_plus": result.mpq_plus,
+                        "val_r2": result.r2,
+                    }
+                    metrics_log.write(row)
+                    history.append(row)
+                    improved = result.mpq_plus > best_mpq
+                    if improved:
+                        best_mpq = result.mpq_plus
+                        save("best", {"steps": step, "val": result.to_json()})
+                    emit("validation", {**row, "best": best_mpq, "improved": improved})
+                    logger.info("step %d val PQ %.4f mPQ+ %.4f", step, result.pq, result.mpq_plus)
+                    save_state()
+                elif step % config.checkpoint_every == 0:
+                    save_state()
+                if step >= config.optim.steps:
+                    break
+            epoch += 1
+    finally:
+        _end_workers(loader, sigchld)
     save_state()
     emit("end", {"best": best_mpq, "steps": step, "out": str(out)})
     return TrainResult(out, out / "best", best_mpq, step, history)

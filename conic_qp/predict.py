@@ -511,7 +511,7 @@ def write_no_tissue_outputs(
     features and a run.json with ``"status": "no_tissue"``, so a cohort's tables list the slide
     with 0 nuclei instead of leaving it out (and ``--resume`` knows it is done)."""
     from conic_qp.paths import ensure_inside
-    from conic_qp.run_record import RUN_FORMAT, RUN_VERSION, versions
+    from conic_qp.run_record import record_head, versions
     from conic_qp.sinks import write_json_atomic
 
     stem = stem or slide_stem(source.name)
@@ -543,27 +543,18 @@ def write_no_tissue_outputs(
         shutil.rmtree(paths["labels"], ignore_errors=True)  # a stale map would not match
     keys = {v: k for k, v in paths.items()}
     outputs = {keys[p]: p for p in committed}
-    w0, h0 = source.dimensions
     run = {
-        "format": RUN_FORMAT,
-        "version": RUN_VERSION,
-        "complete": True,
+        **record_head(
+            models,
+            settings,
+            slide_path=slide_path or source.name,
+            name=source.name,
+            image_id=image_id,
+            mpp=source.mpp,
+            dimensions=source.dimensions,
+        ),
         "status": "no_tissue",
         "message": reason,
-        "fingerprint": models.fingerprint,
-        "slide": {
-            "path": slide_path or source.name,
-            "name": source.name,
-            "image_id": image_id,
-            "mpp": float(source.mpp),
-            "dimensions": [int(w0), int(h0)],
-        },
-        "models": models.info,
-        "model_mpp": models.mpp,
-        "classes": models.classes.to_json(),
-        "thresholds": models.params.to_json(),
-        "thresholds_source": models.thresholds_source,
-        "settings": settings.to_json(),
         "roi": None,
         "roi_area_px": None,
         "tissue_area_px": 0.0,

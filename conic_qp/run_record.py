@@ -33,6 +33,7 @@ __all__ = [
     "build_run_record",
     "is_complete",
     "read_record",
+    "record_head",
     "versions",
 ]
 
@@ -56,25 +57,16 @@ def build_run_record(
     n_cut: int = 0,
 ) -> dict[str, Any]:
     """The JSON-serialisable run record of one finished slide."""
-    w0, h0 = plan.level0_size
     return {
-        "format": RUN_FORMAT,
-        "version": RUN_VERSION,
-        "complete": True,
-        "fingerprint": models.fingerprint,
-        "slide": {
-            "path": slide_path,
-            "name": plan.name,
-            "image_id": image_id,
-            "mpp": float(plan.slide_mpp),
-            "dimensions": [int(w0), int(h0)],
-        },
-        "models": models.info,
-        "model_mpp": models.mpp,
-        "classes": models.classes.to_json(),
-        "thresholds": models.params.to_json(),
-        "thresholds_source": models.thresholds_source,
-        "settings": settings.to_json(),
+        **record_head(
+            models,
+            settings,
+            slide_path=slide_path,
+            name=plan.name,
+            image_id=image_id,
+            mpp=plan.slide_mpp,
+            dimensions=plan.level0_size,
+        ),
         "blending": {
             "window": settings.window,
             "overlap": settings.overlap,
@@ -106,6 +98,39 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def record_head(
+    models: ModelSet,
+    settings: PredictSettings,
+    *,
+    slide_path: str,
+    name: str,
+    image_id: str,
+    mpp: float,
+    dimensions: tuple[int, int],
+) -> dict[str, Any]:
+    """The fields every run record starts with (finished or no-tissue): what ran on what."""
+    w0, h0 = dimensions
+    return {
+        "format": RUN_FORMAT,
+        "version": RUN_VERSION,
+        "complete": True,
+        "fingerprint": models.fingerprint,
+        "slide": {
+            "path": slide_path,
+            "name": name,
+            "image_id": image_id,
+            "mpp": float(mpp),
+            "dimensions": [int(w0), int(h0)],
+        },
+        "models": models.info,
+        "model_mpp": models.mpp,
+        "classes": models.classes.to_json(),
+        "thresholds": models.params.to_json(),
+        "thresholds_source": models.thresholds_source,
+        "settings": settings.to_json(),
+    }
 
 
 def is_complete(run_json: Path, fingerprint: str) -> bool:

@@ -332,10 +332,17 @@ def train_cmd(
             "class_specific_fg",
             "split_and_size_filter",
             "solidity_filter",
-            "per_class_watershed",
         ]
     ),
     help="Switch a post-processing step off (paper table IV ablation; repeatable).",
+)
+@click.option(
+    "--watershed",
+    type=click.Choice(["auto", "per-class", "across-classes"]),
+    default="auto",
+    show_default=True,
+    help="Instances delineated per class region (the paper), across class regions, or "
+    "auto: whichever scores better on the validation data (by more than --min-gain).",
 )
 @click.option(
     "--output",
@@ -361,6 +368,7 @@ def tune_cmd(
     device: str,
     seed: int,
     disable: tuple[str, ...],
+    watershed: str,
     output: str | None,
     min_gain: float,
 ) -> None:
@@ -383,6 +391,7 @@ def tune_cmd(
             console.print(f"  evaluation {n}: {s:.4f}", highlight=False) if n % 25 == 0 else None
         ),
         disable=disable,
+        watershed=watershed,
         output=output,
         grid=TuneGrid(min_gain=min_gain),
     )

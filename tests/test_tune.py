@@ -100,6 +100,18 @@ def test_tune_cli_writes_thresholds_into_the_checkpoint(tmp_path: Path) -> None:
     assert (ckpt / "thresholds.json.bak").exists()
     bad = CliRunner().invoke(main, ["tune", "--model", str(ckpt), "--data", "nope"])
     assert bad.exit_code == 2 and "FORMAT:PATH" in bad.output
+    # the paper's delineation, fixed: the search does not switch it
+    for choice, per_class in (("per-class", True), ("across-classes", False)):
+        out = tmp_path / f"{choice}.json"
+        fixed = CliRunner().invoke(
+            main,
+            ["tune", "--model", str(ckpt), "--data", f"conic:{data}", "--device", "cpu",
+             "--task", "1", "--watershed", choice, "--output", str(out)],
+        )  # fmt: skip
+        assert fixed.exit_code == 0, fixed.output
+        assert PostprocessParams.from_json(json.loads(out.read_text())).per_class_watershed is (
+            per_class
+        )
 
 
 def test_write_thresholds_refuses_non_checkpoint(tmp_path: Path) -> None:

@@ -35,7 +35,6 @@ ABLATION_FLAGS = (
     "class_specific_fg",
     "split_and_size_filter",
     "solidity_filter",
-    "per_class_watershed",
 )
 
 
@@ -201,12 +200,14 @@ def tune_on_data(
     on_progress: Callable[[int, float], None] | None = None,
     disable: Sequence[str] = (),
     output: str | Path | None = None,
+    watershed: str = "auto",
 ) -> list[tuple[TuneResult, Path]]:
     """Load a checkpoint and validation data, tune each task, write the thresholds files.
 
     ``disable`` switches off post-processing steps (table IV: ``class_specific_seed``,
-    ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``,
-    ``per_class_watershed``); ``output`` writes the
+    ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``); ``watershed``:
+    ``per-class`` (the paper) or ``across-classes`` fixes the delineation, ``auto`` lets the
+    search choose (:class:`TuneGrid` ``watershed``); ``output`` writes the
     thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint.
     """
     from conic_qp.train.evaluation import load_eval_data
@@ -223,8 +224,11 @@ def tune_on_data(
         raise ConicQPError(f"cannot disable {unknown}; choose from {', '.join(ABLATION_FLAGS)}")
     switches: dict[str, Any] = {flag: False for flag in disable}
     start = dataclasses.replace(start, **switches)
-    if "per_class_watershed" in disable:
-        grid = dataclasses.replace(grid, watershed=False)  # the user chose the delineation
+    if watershed not in ("auto", "per-class", "across-classes"):
+        raise ConicQPError(f"watershed {watershed!r} must be auto, per-class or across-classes")
+    if watershed != "auto":  # the user chose the delineation
+        start = dataclasses.replace(start, per_class_watershed=watershed == "per-class")
+        grid = dataclasses.replace(grid, watershed=False)
     probs = list(iter_probabilities(ckpt.model, val.images, tta, seed))  # re-scored per grid point
     true = labelled_truth(val)
     results = []

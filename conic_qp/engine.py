@@ -42,6 +42,7 @@ from torch import nn
 
 from conic_qp.local_se import se_windows, set_se_window
 from conic_qp.plan import Panel, SlidePlan
+from conic_qp.runtime import network_device
 from conic_qp.settings import PredictSettings
 from conic_qp.slides import SlideSource
 from conic_qp.stitch import BlockJob, BlockOutput, process_block
@@ -90,14 +91,6 @@ def apply_se_window(models: ModelSet, window: int | None) -> int:
         if exported and se_windows(target) != before:
             net.network_changed()  # type: ignore[operator]
     return n
-
-
-def _model_device(models: ModelSet) -> torch.device:
-    for p in models.networks[0].parameters():
-        return p.device
-    for b in models.networks[0].buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def _band_device(device: torch.device) -> torch.device:
@@ -201,7 +194,7 @@ class SlideEngine:
         self.n_cut = 0
         self.tiles_done = 0
         self.n_blocks = 0
-        self._band_device = _band_device(_model_device(models))
+        self._band_device = _band_device(network_device(models.networks[0]))
 
     # ------------------------------------------------------------------ post-processed blocks
 
@@ -435,7 +428,7 @@ class SlideEngine:
         """Softmax maps (B, C+1+3, th, tw) float32 on the blending device."""
         t0 = time.perf_counter()
         models, settings = self.models, self.settings
-        device = _model_device(models)
+        device = network_device(models.networks[0])
         tta = dataclasses.replace(settings.tta, max_batch=settings.batch_size)
         amp = settings.amp and device.type == "cuda"
         x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)

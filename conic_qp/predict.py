@@ -43,9 +43,11 @@ from conic_qp.classes import ClassScheme
 from conic_qp.engine import SlideEngine
 from conic_qp.errors import ConicQPError, option
 from conic_qp.model import resolve_device
+from conic_qp.outputs import slide_outputs as output_paths
 from conic_qp.plan import SlidePlan, plan_slide
 from conic_qp.postprocess import PostprocessParams
 from conic_qp.run_record import RUN_FORMAT, RUN_VERSION, build_run_record, is_complete
+from conic_qp.runtime import network_device
 from conic_qp.settings import PredictSettings
 from conic_qp.slides import SLIDE_SUFFIXES, SlideSource
 from conic_qp.writers import GeoJSONWriter, LabelMapWriter, SlideWriter, TableWriter
@@ -268,17 +270,6 @@ def slide_stem(path: str | os.PathLike[str]) -> str:
     return Path(name).stem if Path(name).suffix else name
 
 
-def output_paths(out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:
-    """Where the outputs of slide ``stem`` go."""
-    d = Path(out_dir)
-    return {
-        "table": d / f"{stem}.nuclei.parquet",
-        "geojson": d / f"{stem}.geojson.gz",
-        "labels": d / f"{stem}.labels.zarr",
-        "run": d / f"{stem}.run.json",
-    }
-
-
 def roi_from_boxes(boxes: Sequence[Sequence[float]]) -> shapely.Geometry:
     """Union of level-0 rectangles ``(x, y, w, h)`` (``--roi``)."""
     polys = []
@@ -467,7 +458,7 @@ def predict_slide(
         settings=settings,
         slide_path=slide_path or source.name,
         image_id=image_id,
-        device=str(_model_device(models)),
+        device=str(network_device(models.networks[0])),
         timings=timings,
         nuclei=engine.n_nuclei,
         class_counts=counts,
@@ -566,14 +557,6 @@ def write_no_tissue_outputs(
     write_json_atomic(paths["run"], run, root=out_dir)
     outputs["run"] = paths["run"]
     return outputs
-
-
-def _model_device(models: ModelSet) -> torch.device:
-    for p in models.networks[0].parameters():
-        return p.device
-    for b in models.networks[0].buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def _compile(net: nn.Module) -> nn.Module:

@@ -19,13 +19,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from skimage.transform import resize
 
 from conic_qp.checkpoint import load_checkpoint
 from conic_qp.metrics import HOVERNET_RADIUS_UM, evaluate_whole_images
-from conic_qp.postprocess import PostprocessParams, postprocess
-from conic_qp.train.data import read_nucls, resample_labelled
-from conic_qp.train.evaluation import whole_image_probabilities
+from conic_qp.train.data import read_nucls
+from conic_qp.train.evaluation import checkpoint_params, predict_whole_image
 
 
 def main() -> None:
@@ -35,31 +33,17 @@ def main() -> None:
     ap.add_argument("--tta", type=int, default=1)
     args = ap.parse_args()
     ckpt = load_checkpoint(args.model, device="cpu")
-    params = (
-        PostprocessParams.from_json(ckpt.thresholds)
-        if ckpt.thresholds
-        else PostprocessParams.default(ckpt.classes.n_classes)
-    )
+    params = checkpoint_params(ckpt, args.model)
     data = read_nucls(args.nucls, splits=("test",))
     assert data.scheme is not None and data.class_maps is not None
-    scored = []
+    scored: list[tuple[str, np.ndarray, np.ndarray]] = []
     calls: dict[str, Counter[str]] = {name: Counter() for name in data.scheme.names}
     for i in range(len(data)):
-        image = np.asarray(data.images[i])
-        small, _, _ = resample_labelled(
-            image, np.zeros(image.shape[:2], np.int32), None, data.mpp / ckpt.mpp
-        )
-        sem, tl = whole_image_probabilities(ckpt.model, small, tta=args.tta, seed=i)
-        inst = postprocess(sem, tl, params)
-        lut = np.concatenate([[0], inst.classes]).astype(np.int32)
-        size = image.shape[:2]
-        labels = resize(inst.labels, size, order=0, preserve_range=True, anti_aliasing=False)
-        labels = labels.astype(np.int32)
-        classes = lut[labels]
+        pred = predict_whole_image(ckpt, np.asarray(data.images[i]), data.mpp, params, args.tta, i)
+        labels, classes = pred[..., 0], pred[..., 1]
         true = data.inst_maps[i].astype(np.int32)
-        scored.append(
-            (str(i), np.stack([true, (true > 0) * 1], -1), np.stack([labels, (labels > 0) * 1], -1))
-        )
+        t_bin, p_bin = (np.stack([m, (m > 0).astype(np.int32)], -1) for m in (true, labels))
+        scored.append((str(i), t_bin, p_bin))
         for nid in np.unique(true[true > 0]):
             mask = true == nid
             tc = data.class_maps[i][mask]

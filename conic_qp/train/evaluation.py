@@ -20,12 +20,14 @@ from conic_qp.train.predictions import iter_probabilities, labelled_truth, predi
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "checkpoint_params",
     "evaluate_checkpoint",
     "evaluate_whole_images_checkpoint",
     "iter_probabilities",
     "labelled_truth",
     "load_eval_data",
     "parse_data_spec",
+    "predict_whole_image",
     "predicted_labels",
     "whole_image_probabilities",
 ]
@@ -104,7 +106,7 @@ def evaluate_checkpoint(
             f"{option('model')} needs labelled tiles: pass {option('data')} FORMAT:PATH[@SPLIT]"
         )
     ckpt, data = load_eval_data(model_path, data_specs, device=device, seed=seed)
-    params = _thresholds(ckpt, Path(model_path), task)
+    params = checkpoint_params(ckpt, Path(model_path), task)
     pred = predicted_labels(iter_probabilities(ckpt.model, data.images, tta, seed), params)
     true = labelled_truth(data)
     if save_pred is not None:
@@ -124,25 +126,40 @@ def whole_image_probabilities(
     The image is padded by reflection to a multiple of 32 and the padding cropped off again, so
     images of any size run without tiling (whole CoNSeP images are 500 x 500 px at 0.5 um/px).
     """
-    import torch
-
     from conic_qp.model import SIZE_MULTIPLE
-    from conic_qp.tta import TTAConfig, predict_probabilities
 
     h, w = image.shape[:2]
     ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
     padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else image
-    device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)[None].float().div(255)
-    out = predict_probabilities(
-        [model],
-        x.to(device),
-        TTAConfig(passes=tta, mc_dropout=None if tta > 1 else False),
-        seed=seed,
+    sem, tl = next(iter_probabilities(model, padded[None], tta, seed))
+    return sem[:, :h, :w], tl[:, :h, :w]
+
+
+def predict_whole_image(
+    ckpt: Any, image: np.ndarray, mpp: float, params: Any, tta: int = 1, seed: int = 0
+) -> np.ndarray:
+    """(H, W, 2) instance and class ids of one whole (H, W, 3) image at ``mpp``, at its own size.
+
+    The image is predicted whole at the checkpoint's um/px and the labels are scaled back
+    (nearest neighbour), so they can be scored against the image's full-resolution truth.
+    """
+    from skimage.transform import resize
+
+    from conic_qp.postprocess import postprocess
+    from conic_qp.train.data import resample_labelled
+
+    small, _, _ = resample_labelled(
+        image, np.zeros(image.shape[:2], np.int32), None, mpp / ckpt.mpp
     )
-    sem = out["semantic"][0, :, :h, :w].cpu().numpy()
-    tl = out["three_label"][0, :, :h, :w].cpu().numpy()
-    return sem, tl
+    sem, tl = whole_image_probabilities(ckpt.model, small, tta=tta, seed=seed)
+    inst = postprocess(sem, tl, params)
+    lut = np.concatenate([[0], inst.classes]).astype(np.int32)
+    pred = np.stack([inst.labels, lut[inst.labels]], axis=-1)
+    if pred.shape[:2] != image.shape[:2]:
+        pred = resize(
+            pred, (*image.shape[:2], 2), order=0, preserve_range=True, anti_aliasing=False
+        ).astype(np.int32)
+    return pred
 
 
 def evaluate_whole_images_checkpoint(
@@ -161,20 +178,17 @@ def evaluate_whole_images_checkpoint(
     binary PQ, DQ, SQ and AJI per image, HoVer-Net's type F1 from centroid pairing within 3 um,
     and the class-pooled mPQ+. Only ``tiles`` folders with ``orig_instance_ids.json`` qualify.
     """
-    from skimage.transform import resize
-
     from conic_qp.checkpoint import load_checkpoint
     from conic_qp.metrics import HOVERNET_RADIUS_UM, evaluate_whole_images
     from conic_qp.model import resolve_device
-    from conic_qp.postprocess import postprocess
-    from conic_qp.train.data import read_tile_folder, resample_labelled
+    from conic_qp.train.data import read_tile_folder
 
     if not data_specs:
         raise ConicQPError(
             f"{option('whole_images')} needs labelled tiles: pass {option('data')} tiles:PATH[@SPLIT]"
         )
     ckpt = load_checkpoint(model_path, device=str(resolve_device(device)))
-    params = _thresholds(ckpt, Path(model_path), task)
+    params = checkpoint_params(ckpt, Path(model_path), task)
     scored: list[tuple[str, np.ndarray, np.ndarray]] = []
     mpp = None
     for spec in data_specs:
@@ -196,17 +210,7 @@ def evaluate_whole_images_checkpoint(
         for i in range(len(data)):
             name = str(data.meta["name"].iloc[i])
             image = np.asarray(data.images[i])
-            small, _, _ = resample_labelled(
-                image, np.zeros(image.shape[:2], np.int32), None, data.mpp / ckpt.mpp
-            )
-            sem, tl = whole_image_probabilities(ckpt.model, small, tta=tta, seed=seed + i)
-            inst = postprocess(sem, tl, params)
-            lut = np.concatenate([[0], inst.classes]).astype(np.int32)
-            pred = np.stack([inst.labels, lut[inst.labels]], axis=-1)
-            if pred.shape[:2] != image.shape[:2]:
-                pred = resize(
-                    pred, (*image.shape[:2], 2), order=0, preserve_range=True, anti_aliasing=False
-                ).astype(np.int32)
+            pred = predict_whole_image(ckpt, image, data.mpp, params, tta=tta, seed=seed + i)
             cls = np.where(data.class_maps[i] < 0, 0, data.class_maps[i])
             true = np.stack([data.inst_maps[i], cls], axis=-1).astype(np.int32)
             scored.append((name, true, pred))
@@ -215,14 +219,15 @@ def evaluate_whole_images_checkpoint(
     return evaluate_whole_images(scored, ckpt.classes.names, radius=HOVERNET_RADIUS_UM / mpp)
 
 
-def _thresholds(ckpt: Any, folder: Path, task: int) -> Any:
-    """The checkpoint's post-processing parameters for ``task`` (Task 2 file when asked)."""
+def checkpoint_params(ckpt: Any, folder: str | Path, task: int = 1) -> Any:
+    """The post-processing parameters of checkpoint ``folder`` for ``task``: its
+    ``thresholds.json`` (Task 2: ``thresholds_task2.json`` where tuned), else the defaults."""
     from conic_qp.checkpoint import THRESHOLDS_TASK2_FILE
     from conic_qp.inputs import read_json
     from conic_qp.postprocess import PostprocessParams
 
     thresholds = ckpt.thresholds
-    task2 = folder / THRESHOLDS_TASK2_FILE
+    task2 = Path(folder) / THRESHOLDS_TASK2_FILE
     if task == 2 and task2.is_file():
         thresholds = read_json(task2, "Task 2 thresholds", "re-run `conic-qp tune --task 2`")
     if thresholds:

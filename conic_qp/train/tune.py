@@ -210,15 +210,11 @@ def tune_on_data(
     search choose (:class:`TuneGrid` ``watershed``); ``output`` writes the
     thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint.
     """
-    from conic_qp.train.evaluation import load_eval_data
+    from conic_qp.train.evaluation import checkpoint_params, load_eval_data
 
     ckpt, val = load_eval_data(model_path, data_specs, config_path, max_tiles, device, seed)
     scheme = ckpt.classes
-    start = (
-        PostprocessParams.from_json(ckpt.thresholds)
-        if ckpt.thresholds
-        else PostprocessParams.default(scheme.n_classes)
-    )
+    start = checkpoint_params(ckpt, model_path)
     unknown = sorted(set(disable) - set(ABLATION_FLAGS))
     if unknown:
         raise ConicQPError(f"cannot disable {unknown}; choose from {', '.join(ABLATION_FLAGS)}")

@@ -138,13 +138,19 @@ def test_empty_input_gives_no_instances() -> None:
 # ------------------------------------------------------------------ per-class watershed
 
 
-def test_touching_different_classes_split_at_class_border_without_seed_gap() -> None:
-    # one blob, interior everywhere (no boundary between them), left half class 1, right class 2
+def _two_class_blob(border: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One 8 x 12 px blob, interior everywhere (no predicted boundary), class 1 left of column
+    ``border`` and class 2 from it on: (instance map, semantic, three-label probabilities)."""
     inst = np.zeros((12, 16), dtype=np.int32)
     inst[2:10, 2:14] = 1
     tl = onehot(np.where(inst > 0, 1, 0), 3)
-    cls = np.where(inst > 0, np.where(np.arange(16)[None, :] < 8, 1, 2), 0)
-    sem = onehot(cls, 3)
+    cls = np.where(inst > 0, np.where(np.arange(16)[None, :] < border, 1, 2), 0)
+    return inst, onehot(cls, 3), tl
+
+
+def test_touching_different_classes_split_at_class_border_without_seed_gap() -> None:
+    # one blob, interior everywhere (no boundary between them), left half class 1, right class 2
+    _, sem, tl = _two_class_blob(border=8)
     out = postprocess(sem, tl, PostprocessParams.uniform(2, **PERMISSIVE))
     assert out.n == 2
     left, right = out.labels[5, 4], out.labels[5, 11]
@@ -157,11 +163,7 @@ def test_class_agnostic_watershed_keeps_a_nucleus_across_class_regions_whole() -
     # the blob above, now a nucleus whose class maps split 3:1 (what the network gives when
     # unsure): the paper's per-class watershed cuts it at the class border; without it the
     # nucleus stays one instance of its majority class
-    inst = np.zeros((12, 16), dtype=np.int32)
-    inst[2:10, 2:14] = 1
-    tl = onehot(np.where(inst > 0, 1, 0), 3)
-    cls = np.where(inst > 0, np.where(np.arange(16)[None, :] < 11, 1, 2), 0)
-    sem = onehot(cls, 3)
+    inst, sem, tl = _two_class_blob(border=11)
     per_class = PostprocessParams.uniform(2, **PERMISSIVE)
     assert postprocess(sem, tl, per_class).n == 2
     agnostic = dataclasses.replace(per_class, per_class_watershed=False)

@@ -48,6 +48,17 @@ TOP = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2
 TOP["classifier"] = "_fc"
 
 
+def _lite0_config(pretrained_file: str, n_classes: int = CONSEP.n_classes) -> ModelConfig:
+    """A small-decoder Lite0 network whose encoder starts from ``pretrained_file``."""
+    return ModelConfig(
+        "tf_efficientnet_lite0",
+        n_classes,
+        decoder_channels=SMALL_DECODER,
+        pretrained=True,
+        pretrained_file=pretrained_file,
+    )
+
+
 def _as_efficientnet_pytorch(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A timm EfficientNet's weights under efficientnet_pytorch's key names (flat block ids)."""
     flat = {}
@@ -96,15 +107,7 @@ def test_pretrained_file_in_efficientnet_pytorch_format_loads_the_encoder(tmp_pa
     source = _random_timm("tf_efficientnet_lite0", seed=2)
     path = tmp_path / "lite0.pth"
     torch.save(_as_efficientnet_pytorch(source), path)
-    net = ConicNet(
-        ModelConfig(
-            "tf_efficientnet_lite0",
-            CONSEP.n_classes,
-            decoder_channels=SMALL_DECODER,
-            pretrained=True,
-            pretrained_file=str(path),
-        )
-    )
+    net = ConicNet(_lite0_config(str(path)))
     own = net.encoder.state_dict()
     src = source.state_dict()
     assert own.keys() <= src.keys()  # the encoder is the full model without its head
@@ -127,13 +130,7 @@ def test_wrong_or_incomplete_efficientnet_pytorch_files_are_refused(tmp_path: Pa
     partial = {k: v for k, v in state.items() if not k.startswith("_blocks.5._depthwise_conv")}
     path = tmp_path / "partial.pth"
     torch.save(partial, path)
-    config = ModelConfig(
-        "tf_efficientnet_lite0",
-        2,
-        decoder_channels=SMALL_DECODER,
-        pretrained=True,
-        pretrained_file=str(path),
-    )
+    config = _lite0_config(str(path), n_classes=2)
     with pytest.raises(ConicQPError, match=r"1 of \d+ tensors missing"):
         ConicNet(config)
 
@@ -153,13 +150,7 @@ def test_checkpoint_does_not_need_the_weights_file(
     source = _random_timm("tf_efficientnet_lite0", seed=4)
     path = tmp_path / "lite0.pth"
     torch.save(_as_efficientnet_pytorch(source), path)
-    config = ModelConfig(
-        "tf_efficientnet_lite0",
-        CONSEP.n_classes,
-        decoder_channels=SMALL_DECODER,
-        pretrained=True,
-        pretrained_file=str(path),
-    )
+    config = _lite0_config(str(path))
     net = ConicNet(config)
     ckpt_dir = save_checkpoint(tmp_path / "ckpt", net, CONSEP, 0.5)
     path.unlink()  # the training-time weights are gone, as on a user's machine
@@ -192,13 +183,5 @@ def test_real_lite0_weights_are_complete_and_classify_a_cat() -> None:
     top = int(probs.argmax())
     assert 281 <= top <= 285 and float(probs[top]) > 0.4  # ImageNet's domestic cats
 
-    net = ConicNet(
-        ModelConfig(
-            "tf_efficientnet_lite0",
-            CONSEP.n_classes,
-            decoder_channels=SMALL_DECODER,
-            pretrained=True,
-            pretrained_file="efficientnet-lite0",
-        )
-    )
+    net = ConicNet(_lite0_config("efficientnet-lite0"))
     assert torch.equal(net.encoder.conv_stem.weight, state["_conv_stem.weight"])

@@ -90,7 +90,8 @@ def save_checkpoint(
     training : free-form provenance (steps, data split, metrics...), must be JSON-serialisable.
     half : store floating-point tensors as fp16 (half the size; loaded back as fp32).
     inference : how the model is best run, measured by whoever trained it (``mc_dropout``:
-        whether TTA keeps dropout on when the user leaves it to the model).
+        whether TTA keeps dropout on when the user leaves it to the model; ``zoom``: how much
+        the input is enlarged for the network, :mod:`conic_qp.tta`).
 
     Returns
     -------
@@ -131,7 +132,7 @@ def save_checkpoint(
         "weights_dtype": "float16" if half else "float32",
     }
     if inference:
-        config["inference"] = _check_inference(dict(inference), "inference")
+        config["inference"] = check_inference(dict(inference), "inference")
     if training is not None:
         config["training"] = dict(training)
     _dumps(config, "checkpoint config (training info)")  # fail before writing anything
@@ -241,9 +242,9 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     model.eval()
     inference = data.get("inference")
     if inference is not None:
-        model.mc_dropout_default = _check_inference(inference, str(folder / CONFIG_FILE))[
-            "mc_dropout"
-        ]
+        settings = check_inference(inference, str(folder / CONFIG_FILE))
+        model.mc_dropout_default = settings["mc_dropout"]
+        model.inference_zoom = settings["zoom"]
     meta = {k: v for k, v in data.items() if k not in {"model", "classes", "mpp", "training"}}
     return Checkpoint(
         model=model,
@@ -257,16 +258,30 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     )
 
 
-def _check_inference(data: Any, where: str) -> dict[str, Any]:
-    """The ``inference`` section: a JSON object whose ``mc_dropout`` is true or false."""
-    if not isinstance(data, dict) or set(data) - {"mc_dropout"}:
+def check_inference(data: Any, where: str) -> dict[str, Any]:
+    """The ``inference`` section: a JSON object with ``mc_dropout`` (true or false) and ``zoom``
+    (a number, :data:`conic_qp.tta.MIN_ZOOM` to :data:`conic_qp.tta.MAX_ZOOM`), both optional."""
+    from conic_qp.tta import MAX_ZOOM, MIN_ZOOM
+
+    if not isinstance(data, dict) or set(data) - {"mc_dropout", "zoom"}:
         raise ConicQPError(
-            f"{where!r}: 'inference' must be an object with only 'mc_dropout'; fix or remove it"
+            f"{where!r}: 'inference' must be an object with only 'mc_dropout' and 'zoom'; fix or "
+            "remove it"
         )
     mc = data.get("mc_dropout", True)
     if not isinstance(mc, bool):
         raise ConicQPError(f"{where!r}: 'inference.mc_dropout' must be true or false, got {mc!r}")
-    return {"mc_dropout": mc}
+    zoom = data.get("zoom", 1.0)
+    if (
+        isinstance(zoom, bool)
+        or not isinstance(zoom, int | float)
+        or not MIN_ZOOM <= zoom <= MAX_ZOOM
+    ):
+        raise ConicQPError(
+            f"{where!r}: 'inference.zoom' must be a number from {MIN_ZOOM} to {MAX_ZOOM}, got "
+            f"{zoom!r}"
+        )
+    return {"mc_dropout": mc, "zoom": float(zoom)}
 
 
 def _checkpoint_folder(path: str | os.PathLike[str]) -> Path:

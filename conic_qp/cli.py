@@ -106,6 +106,19 @@ def _passive_omp_threads() -> None:
 )
 @click.option("--tta", type=int, default=1, show_default=True, help="TTA passes (with --model).")
 @click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --model, instead of --data: score the validation split of this training config.",
+)
+@click.option(
+    "--zoom",
+    type=float,
+    default=None,
+    help="Enlarge the input this much for the network (default: as the checkpoint says; 1 is fastest).",
+)
+@click.option(
     "--task",
     type=click.Choice(["1", "2"]),
     default="1",
@@ -137,6 +150,8 @@ def evaluate_cmd(
     model_path: str | None,
     data_specs: tuple[str, ...],
     tta: int,
+    config_path: str | None,
+    zoom: float | None,
     task: str,
     device: str,
     save_pred: str | None,
@@ -163,13 +178,20 @@ def evaluate_cmd(
         from conic_qp.train.evaluation import evaluate_checkpoint
 
         result = evaluate_checkpoint(
-            model_path, data_specs, tta=tta, task=int(task), device=device, save_pred=save_pred
+            model_path,
+            data_specs,
+            tta=tta,
+            task=int(task),
+            device=device,
+            save_pred=save_pred,
+            zoom=zoom,
+            config_path=config_path,
         )
         if whole_images:
             from conic_qp.train.evaluation import evaluate_whole_images_checkpoint
 
             whole = evaluate_whole_images_checkpoint(
-                model_path, data_specs, tta=tta, task=int(task), device=device
+                model_path, data_specs, tta=tta, task=int(task), device=device, zoom=zoom
             )
             if as_json:
                 click.echo(json.dumps({"tiles": result.to_json(), "whole_images": whole.to_json()}))
@@ -179,6 +201,8 @@ def evaluate_cmd(
             return
     elif whole_images:
         raise ConicQPError("--whole-images needs --model and --data (it predicts whole images)")
+    elif config_path or zoom is not None:
+        raise ConicQPError("--config and --zoom go with --model (they set what it predicts)")
     elif pred_path and true_path:
         result = evaluate_files(pred_path, true_path, parse_class_names(classes))
     else:
@@ -316,7 +340,21 @@ def train_cmd(
     help="1: maximise mPQ+ (thresholds.json); 2: maximise R2 (thresholds_task2.json).",
 )
 @click.option(
+    "--objective",
+    type=click.Choice(["mpq+", "pq", "pq+mpq+"]),
+    default="mpq+",
+    show_default=True,
+    help="Task 1 score: mPQ+ (the challenge's), binary PQ (outlines) or their mean.",
+)
+@click.option(
     "--tta", type=int, default=1, show_default=True, help="TTA passes for the probabilities."
+)
+@click.option(
+    "--zoom",
+    type=float,
+    default=None,
+    help="Input zoom the thresholds are tuned for (default: the checkpoint's, which inference "
+    "uses).",
 )
 @click.option(
     "--max-tiles", type=int, default=None, help="Tune on a random subset of this many tiles."
@@ -332,9 +370,11 @@ def train_cmd(
             "class_specific_fg",
             "split_and_size_filter",
             "solidity_filter",
+            "seed_dynamic",
         ]
     ),
-    help="Switch a post-processing step off (paper table IV ablation; repeatable).",
+    help="Switch a post-processing step off (paper table IV ablation; seed_dynamic: every seed "
+    "marks a nucleus, as in the paper; repeatable).",
 )
 @click.option(
     "--watershed",
@@ -363,7 +403,9 @@ def tune_cmd(
     data_specs: tuple[str, ...],
     config_path: str | None,
     task: str,
+    objective: str,
     tta: int,
+    zoom: float | None,
     max_tiles: int | None,
     device: str,
     seed: int,
@@ -393,13 +435,15 @@ def tune_cmd(
         disable=disable,
         watershed=watershed,
         output=output,
-        grid=TuneGrid(min_gain=min_gain),
+        grid=TuneGrid(min_gain=min_gain, objective=objective),
+        zoom=zoom,
     )
     table = Table(title=f"tuned thresholds of {model_path}")
     for col in ("task", "score", "before", "evaluations", "written to"):
         table.add_column(col)
     for r, path in results:
-        name = "mPQ+" if r.task == 1 else "R2"
+        name = {"mpq+": "mPQ+", "pq": "PQ", "pq+mpq+": "(PQ + mPQ+) / 2"}[objective]
+        name = name if r.task == 1 else "R2"
         table.add_row(
             f"{r.task} ({name})",
             f"{r.score:.4f}",
@@ -448,6 +492,7 @@ _tta_options = _options(
         is_flag=True,
         help="Disable dropout at test time (default: as the checkpoint says).",
     ),
+    click.option("--zoom", type=float, default=None, help="Enlarge the input this much for the network (default: as the checkpoint says; 1 is fastest)."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Makes TTA reproducible."),
     click.option("--batch-size", type=int, default=2, show_default=True,
@@ -528,7 +573,9 @@ def _predict_settings(engine: dict[str, Any]) -> Any:
         halo=engine["halo"],
         batch_size=engine["batch_size"],
         tta=TTAConfig(
-            passes=engine["tta_passes"], mc_dropout=False if engine["no_mc_dropout"] else None
+            passes=engine["tta_passes"],
+            mc_dropout=False if engine["no_mc_dropout"] else None,
+            zoom=engine["zoom"],
         ),
         seed=engine["seed"],
         device=engine["device"],
@@ -621,6 +668,7 @@ def annotate_cmd(
     workers: int,
     tta_passes: int,
     no_mc_dropout: bool,
+    zoom: float | None,
     seed: int,
     mpp: float | None,
     force_mpp: bool,
@@ -663,7 +711,7 @@ def annotate_cmd(
     settings = PredictSettings(
         tile_size=tile_size,
         batch_size=batch_size,
-        tta=TTAConfig(passes=tta_passes, mc_dropout=False if no_mc_dropout else None),
+        tta=TTAConfig(passes=tta_passes, mc_dropout=False if no_mc_dropout else None, zoom=zoom),
         seed=seed,
         device=device,
         workers=workers,

@@ -244,6 +244,10 @@ class ConicNet(nn.Module):
     #: MC dropout when a TTA setting leaves it to the model (:func:`conic_qp.tta.mc_dropout_for`);
     #: a checkpoint's ``inference.mc_dropout`` sets it (the paper: on).
     mc_dropout_default: bool = True
+    #: Factor the input is enlarged by before the network and the outputs reduced by after it,
+    #: when a TTA setting leaves it to the model (:func:`conic_qp.tta.zoom_for`); a checkpoint's
+    #: ``inference.zoom`` sets it (measured on validation data by whoever trained it).
+    inference_zoom: float = 1.0
 
     def __init__(self, config: ModelConfig, *, load_pretrained: bool = True) -> None:
         super().__init__()

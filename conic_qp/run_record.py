@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 
 from conic_qp.runtime import runtime_used
-from conic_qp.tta import mc_dropout_for
+from conic_qp.tta import mc_dropout_for, zoom_for
 
 if TYPE_CHECKING:
     from conic_qp.plan import SlidePlan
@@ -78,6 +78,7 @@ def build_run_record(
         "device": device,
         "runtime": [runtime_used(net) for net in models.networks],
         "mc_dropout": [mc_dropout_for(net, settings.tta) for net in models.networks],
+        "zoom": [zoom_for(net, settings.tta) for net in models.networks],
         "roi": shapely.to_wkt(plan.roi, rounding_precision=2) if plan.roi is not None else None,
         "roi_area_px": plan.roi_area_px,
         "tissue_area_px": plan.tissue_area_px,

@@ -10,7 +10,11 @@ nice -n 15 conic-qp train --config "$RECIPE"            # best checkpoint by val
 # Thresholds on the 3 held-out training images; a change must gain > 0.02 (measured: smaller gains on 3 images did not hold on the test images) so that they do not
 # follow the noise of a few nuclei. Instances are delineated across class regions (docs/models.md: ahead on
 # validation for both networks of this recipe; the paper's per-class watershed cuts nuclei at class borders).
-conic-qp tune --model runs/demo-consep/best --config "$RECIPE" --task both --min-gain 0.02 --watershed across-classes
+# Validation scores at the candidate input zooms (the recipe's inference.zoom was chosen from these).
+for z in 1 1.25 1.5; do conic-qp evaluate --model runs/demo-consep/best --config "$RECIPE" --zoom "$z" --json; done
+# Task 1 maximises the mean of binary PQ and mPQ+ (outlines and classes); the search includes the
+# seeds' h-maxima depth (seed_dynamic).
+conic-qp tune --model runs/demo-consep/best --config "$RECIPE" --task both --objective pq+mpq+ --min-gain 0.02 --watershed across-classes
 rm -rf conic_qp/models/demo-consep && mkdir -p conic_qp/models
 cp -r runs/demo-consep/best conic_qp/models/demo-consep
 rm -f conic_qp/models/demo-consep/*.bak

@@ -9,6 +9,7 @@ score them; this script gives the two figures docs/models.md reports for the bun
   under each true nucleus): do tumour nuclei come out epithelial more often than non-tumour ones?
 
     python scripts/nucls_check.py conic_qp/models/demo-consep [--nucls ../shared/data/nucls]
+        [--zoom Z] [--thresholds T.json]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from conic_qp.checkpoint import load_checkpoint
 from conic_qp.metrics import HOVERNET_RADIUS_UM, evaluate_whole_images
+from conic_qp.postprocess import PostprocessParams
 from conic_qp.train.data import read_nucls
 from conic_qp.train.evaluation import checkpoint_params, predict_whole_image
 
@@ -31,15 +33,20 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--nucls", default="../shared/data/nucls")
     ap.add_argument("--tta", type=int, default=1)
+    ap.add_argument("--zoom", type=float, default=None, help="default: the checkpoint's")
+    ap.add_argument("--thresholds", default=None, help="thresholds.json instead of the model's")
     args = ap.parse_args()
     ckpt = load_checkpoint(args.model, device="cpu")
     params = checkpoint_params(ckpt, args.model)
+    if args.thresholds:
+        params = PostprocessParams.from_json(json.loads(Path(args.thresholds).read_text()))
     data = read_nucls(args.nucls, splits=("test",))
     assert data.scheme is not None and data.class_maps is not None
     scored: list[tuple[str, np.ndarray, np.ndarray]] = []
     calls: dict[str, Counter[str]] = {name: Counter() for name in data.scheme.names}
     for i in range(len(data)):
-        pred = predict_whole_image(ckpt, np.asarray(data.images[i]), data.mpp, params, args.tta, i)
+        image = np.asarray(data.images[i])
+        pred = predict_whole_image(ckpt, image, data.mpp, params, args.tta, i, zoom=args.zoom)
         labels, classes = pred[..., 0], pred[..., 1]
         true = data.inst_maps[i].astype(np.int32)
         t_bin, p_bin = (np.stack([m, (m > 0).astype(np.int32)], -1) for m in (true, labels))

@@ -238,8 +238,10 @@ def test_missing_config_or_weights(saved: Path) -> None:
             "unknown model config keys",
         ),
         ({"inference": {"mc_dropout": "no"}}, "must be true or false"),
-        ({"inference": {"passes": 4}}, "only 'mc_dropout'"),
-        ({"inference": [False]}, "only 'mc_dropout'"),
+        ({"inference": {"passes": 4}}, "only 'mc_dropout' and 'zoom'"),
+        ({"inference": [False]}, "only 'mc_dropout' and 'zoom'"),
+        ({"inference": {"zoom": 0.25}}, "'inference.zoom' must be a number from 0.5 to 3"),
+        ({"inference": {"zoom": "1.25"}}, "'inference.zoom' must be a number"),
     ],
 )
 def test_bad_config(saved: Path, changes: dict[str, object], match: str) -> None:
@@ -346,10 +348,15 @@ def test_load_on_gpu_matches_cpu(saved: Path) -> None:
 def test_inference_recommendation_round_trip(tmp_path: Path, model: ConicNet) -> None:
     # a checkpoint measured to do better without MC dropout says so; the loaded network carries it
     path = save_checkpoint(tmp_path / "c", model, CONIC, 0.5, inference={"mc_dropout": False})
-    assert json.loads((path / CONFIG_FILE).read_text())["inference"] == {"mc_dropout": False}
+    inference = json.loads((path / CONFIG_FILE).read_text())["inference"]
+    assert inference == {"mc_dropout": False, "zoom": 1.0}
     assert load_checkpoint(path).model.mc_dropout_default is False
+    zoomed = save_checkpoint(tmp_path / "z", model, CONIC, 0.5, inference={"zoom": 1.25})
+    assert load_checkpoint(zoomed).model.inference_zoom == 1.25
+    assert load_checkpoint(zoomed).model.mc_dropout_default is True
     plain = save_checkpoint(tmp_path / "d", model, CONIC, 0.5)
     assert "inference" not in json.loads((plain / CONFIG_FILE).read_text())
     assert load_checkpoint(plain).model.mc_dropout_default is True  # the paper's default
+    assert load_checkpoint(plain).model.inference_zoom == 1.0
     with pytest.raises(ConicQPError, match="must be true or false"):
         save_checkpoint(tmp_path / "e", model, CONIC, 0.5, inference={"mc_dropout": 0})

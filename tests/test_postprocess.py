@@ -290,6 +290,75 @@ def test_watershed_equals_plain_watersheds_on_crowded_maps(per_class: bool) -> N
         assert len(np.unique(labels)) < len(np.unique(reference_watershed(sem, tl, params)))
 
 
+def _bumps(centres: list[tuple[int, int]], shape: tuple[int, int] = (20, 48)) -> np.ndarray:
+    """P(interior): the upper envelope of Gaussian bumps (peak 0.85, sigma 2.5 px)."""
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    bumps = [0.85 * np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / (2 * 2.5**2)) for r, c in centres]
+    return np.max(bumps, axis=0).astype(np.float32)
+
+
+def test_seed_dynamic_keeps_a_pale_nucleus_whole_and_touching_nuclei_apart() -> None:
+    # left: one nucleus whose interior probability dips to 0.62 between two peaks of 0.85
+    # (two seeds at 0.7, 0.23 apart from the pass); right: two nuclei 10 px apart, the
+    # pass between them at 0.11. One foreground band holds all of it.
+    interior = _bumps([(10, 8), (10, 12), (10, 30), (10, 40)])
+    fg = np.zeros(interior.shape, np.float32)
+    fg[5:16, 3:46] = 0.95
+    interior = np.minimum(interior, fg)
+    tl = np.stack([1 - fg, interior, fg - interior])
+    sem = onehot((fg > 0).astype(np.int64), 2)
+    paper = PostprocessParams.uniform(1, min_size=0, min_solidity=0.0, seed=0.7)
+    deep = dataclasses.replace(paper, seed_dynamic=0.3)
+    for params, n_left in ((paper, 2), (deep, 1)):
+        labels = postprocess(sem, tl, params).labels
+        assert len(np.unique(labels[10, 3:20])) == n_left  # fragments of the pale nucleus
+        assert labels[10, 30] != labels[10, 40] and labels[10, 30] and labels[10, 40]
+    # a shallower depth than the dip keeps both fragments
+    shallow = dataclasses.replace(paper, seed_dynamic=0.1)
+    assert len(np.unique(postprocess(sem, tl, shallow).labels[10, 3:20])) == 2
+
+
+def reference_dynamic_watershed(
+    sem: np.ndarray, tl: np.ndarray, params: PostprocessParams
+) -> np.ndarray:
+    """Class-agnostic delineation with h-maxima markers, written plainly: per 4-connected
+    foreground component, the seed pixels that are h-maxima of P(interior) there."""
+    from skimage.morphology import h_maxima
+
+    region = np.argmax(sem[1:], axis=0) + 1
+    fg_thr = np.array([1.0] + [params.fg(c) for c in range(1, params.n_classes + 1)])[region]
+    seed_thr = np.array([1.0] + [params.seed(c) for c in range(1, params.n_classes + 1)])[region]
+    fg = tl[1] + tl[2] > fg_thr
+    seeds = fg & (tl[1] > seed_thr)
+    tops = np.zeros(fg.shape, bool)
+    comps = sk_label(fg, connectivity=1)
+    for k in range(1, comps.max() + 1):
+        inside = comps == k
+        tops |= inside & h_maxima(np.where(inside, tl[1], 0.0), params.seed_dynamic).astype(bool)
+    markers = sk_label(seeds & tops, connectivity=2)
+    return watershed(-tl[1].astype(np.float64), markers, mask=fg, connectivity=1)
+
+
+def test_seed_dynamic_equals_plain_h_maxima_watershed_on_crowded_maps() -> None:
+    rng = np.random.default_rng(5)
+    inst = np.zeros((100, 110), dtype=np.int32)
+    for k in range(1, 70):
+        r, c = rng.integers(0, 100), rng.integers(0, 110)
+        rr, cc = ellipse(r, c, rng.uniform(2, 8), rng.uniform(2, 8), shape=inst.shape)
+        inst[rr, cc] = k
+    sem, tl = probs_from_targets(inst, np.r_[0, rng.integers(1, 4, 70)], 3)
+    tl = ndi.gaussian_filter(tl + 0.4 * rng.random(tl.shape).astype(np.float32), (0, 1.5, 1.5))
+    tl = (tl / tl.sum(axis=0)).astype(np.float64)
+    params = dataclasses.replace(
+        PostprocessParams.uniform(3, **PERMISSIVE), per_class_watershed=False, seed_dynamic=0.1
+    )
+    labels, _ = watershed_instances(sem, tl, params)
+    ref = reference_dynamic_watershed(sem, tl, params)
+    off = reference_agnostic_watershed(sem, tl, dataclasses.replace(params, seed_dynamic=0.0))
+    assert len(np.unique(ref)) > 20 and same_partition(labels, ref)
+    assert len(np.unique(ref)) < len(np.unique(off))  # shallow maxima no longer split nuclei
+
+
 @pytest.mark.parametrize("levels", [0, 8])
 def test_watershed_equals_plain_per_class_watersheds(levels: int) -> None:
     """Same instances as the plain algorithm, on crowded noisy maps (and with ties when the
@@ -471,11 +540,16 @@ def test_instance_solidity_matches_regionprops() -> None:
 
 def test_params_json_round_trip() -> None:
     params = PostprocessParams.default(3).with_class(2, fg=0.4, seed=0.8, max_size=None)
-    params = PostprocessParams(params.classes, class_specific_seed=False, solidity_filter=False)
+    params = PostprocessParams(
+        params.classes, class_specific_seed=False, solidity_filter=False, seed_dynamic=0.2
+    )
     text = json.dumps(params.to_json())
     back = PostprocessParams.from_json(json.loads(text))
     assert back == params
     assert back.seed(2) == back.agnostic_seed and back.fg(2) == 0.4
+    old = params.to_json()
+    del old["seed_dynamic"]  # thresholds written before the setting existed: the paper's seeds
+    assert PostprocessParams.from_json(old).seed_dynamic == 0.0
     d = PostprocessParams.default(6)
     assert d.n_classes == 6 and all(0 < c.fg < 1 and c.min_size > 0 for c in d.classes)
 
@@ -494,6 +568,8 @@ def test_params_json_round_trip() -> None:
         lambda d: d.update(classes=[]),
         lambda d: d.update(solidity_filter="yes"),
         lambda d: d.update(agnostic_seed=float("nan")),
+        lambda d: d.update(seed_dynamic=0.9),
+        lambda d: d.update(seed_dynamic=True),
     ],
 )
 def test_malformed_params_json(mutate) -> None:  # type: ignore[no-untyped-def]

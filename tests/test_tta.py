@@ -16,6 +16,7 @@ from conic_qp.tta import (
     mc_dropout_for,
     plan_passes,
     predict_probabilities,
+    zoom_for,
 )
 
 
@@ -162,3 +163,51 @@ def test_bad_config_and_input() -> None:
     assert info.value.render(cli_flag).startswith("--tta must")  # the CLI's flag
     with pytest.raises(ConicQPError, match="shape"):
         predict_probabilities([PointwiseNet()], torch.rand(3, 8, 8))
+
+
+class SizeRecordingNet(PointwiseNet):
+    """Pointwise net that records the input sizes it sees and returns unit centre vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.seen.append((int(x.shape[-2]), int(x.shape[-1])))
+        out = super().forward(x)
+        out["vectors"] = torch.ones_like(out["vectors"])
+        return out
+
+
+def test_zoom_enlarges_the_input_and_scales_the_outputs_back() -> None:
+    net = SizeRecordingNet().eval()
+    x = torch.rand(2, 3, 128, 96)
+    plain = predict_probabilities([net], x, TTAConfig(passes=1, mc_dropout=False))
+    assert net.seen == [(128, 96)]
+    zoomed = predict_probabilities([net], x, TTAConfig(passes=1, mc_dropout=False, zoom=1.25))
+    assert net.seen[-1] == (160, 128)  # multiples of 32 nearest 1.25x: 160 x 120 -> 128
+    for key in ("semantic", "three_label", "vectors"):
+        assert zoomed[key].shape == plain[key].shape
+    # a pixel-wise network on a flat image gives the same probabilities at any zoom
+    flat = torch.full((1, 3, 128, 128), 0.4)
+    a = predict_probabilities([net], flat, TTAConfig(passes=1, mc_dropout=False))
+    b = predict_probabilities([net], flat, TTAConfig(passes=1, mc_dropout=False, zoom=1.5))
+    assert torch.allclose(a["semantic"], b["semantic"], atol=1e-5)
+    # centre vectors are lengths in pixels: 1 px of the enlarged image is 0.8 px of the input
+    assert torch.allclose(zoomed["vectors"][:, 0], torch.full((2, 128, 96), 128 / 160))
+    assert torch.allclose(zoomed["vectors"][:, 1], torch.full((2, 128, 96), 96 / 128))
+    # on noise, resampling there and back smooths: the zoom changes what comes out
+    assert not torch.allclose(plain["semantic"], zoomed["semantic"], atol=1e-3)
+
+
+def test_zoom_left_to_the_network_follows_its_checkpoint() -> None:
+    net = SizeRecordingNet().eval()
+    assert zoom_for(net, TTAConfig()) == 1.0
+    net.inference_zoom = 1.5  # what a checkpoint's inference.zoom sets
+    assert zoom_for(net, TTAConfig()) == 1.5
+    assert zoom_for(net, TTAConfig(zoom=1.0)) == 1.0  # an explicit setting wins
+    predict_probabilities([net], torch.rand(1, 3, 64, 64), TTAConfig(passes=1, mc_dropout=False))
+    assert net.seen == [(96, 96)]
+    with pytest.raises(ConicQPError, match="zoom must be between") as info:
+        TTAConfig(zoom=0.25)  # an um/px typed as a zoom
+    assert info.value.render(cli_flag).startswith("--zoom must")

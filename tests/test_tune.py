@@ -26,6 +26,7 @@ GRID = TuneGrid(
     min_size=(0, 10),
     max_size=(None,),
     min_solidity=(0.0, 0.7),
+    seed_dynamic=(),  # searched on its own in test_tuning_finds_the_seed_dynamic
     rounds=1,
 )
 
@@ -112,6 +113,16 @@ def test_tune_cli_writes_thresholds_into_the_checkpoint(tmp_path: Path) -> None:
         assert PostprocessParams.from_json(json.loads(out.read_text())).per_class_watershed is (
             per_class
         )
+    # the paper's seeds, fixed; and the Task 1 objective
+    out = tmp_path / "paper.json"
+    paper = CliRunner().invoke(
+        main,
+        ["tune", "--model", str(ckpt), "--data", f"conic:{data}", "--device", "cpu", "--task", "1",
+         "--disable", "seed_dynamic", "--objective", "pq", "--output", str(out)],
+    )  # fmt: skip
+    assert paper.exit_code == 0, paper.output
+    assert "1 (PQ)" in paper.output
+    assert PostprocessParams.from_json(json.loads(out.read_text())).seed_dynamic == 0.0
 
 
 def test_write_thresholds_refuses_non_checkpoint(tmp_path: Path) -> None:
@@ -163,6 +174,17 @@ def test_evaluate_cli_scores_a_checkpoint_on_labelled_tiles(tmp_path: Path) -> N
     assert again.exit_code == 0 and json.loads(again.stdout) == scores
     both = CliRunner().invoke(main, ["evaluate", "--model", str(ckpt), "--pred", str(pred)])
     assert both.exit_code == 2 and "not both" in both.output
+    zoomed = CliRunner().invoke(
+        main,
+        ["evaluate", "--model", str(ckpt), "--data", f"conic:{tmp_path / 'd'}", "--device", "cpu",
+         "--json", "--zoom", "1.5"],
+    )  # fmt: skip
+    assert zoomed.exit_code == 0, zoomed.output
+    assert set(json.loads(zoomed.stdout)) == set(scores)
+    bad = CliRunner().invoke(
+        main, ["evaluate", "--pred", str(pred), "--true", str(pred), "--zoom", "2"]
+    )
+    assert bad.exit_code == 2 and "go with --model" in bad.output
 
 
 def test_min_gain_keeps_only_changes_that_raise_the_score_enough() -> None:
@@ -170,12 +192,13 @@ def test_min_gain_keeps_only_changes_that_raise_the_score_enough() -> None:
     probs = _weak_probabilities(labels, 3, strength=0.55)
     start = PostprocessParams.uniform(3, fg=0.5, seed=0.7, min_size=0, min_solidity=0.0)
     names = ["a", "b", "c"]
-    free = tune_thresholds(probs, labels, names, grid=GRID, start=start)
+    per_class = dataclasses.replace(GRID, shared=False)  # many small steps, one per class
+    free = tune_thresholds(probs, labels, names, grid=per_class, start=start)
     gains = np.diff([t["score"] for t in free.trace])
     assert len(gains) >= 2
     margin = float(np.sort(gains)[len(gains) // 2])  # half of the changes gain less than this
     strict = tune_thresholds(
-        probs, labels, names, grid=dataclasses.replace(GRID, min_gain=margin), start=start
+        probs, labels, names, grid=dataclasses.replace(per_class, min_gain=margin), start=start
     )
     strict_gains = np.diff([t["score"] for t in strict.trace])
     assert len(strict_gains) >= 1 and np.all(strict_gains > margin)
@@ -210,3 +233,66 @@ def test_tuning_keeps_nuclei_whole_when_class_maps_split_them() -> None:
         probs, labels, names, grid=dataclasses.replace(GRID, watershed=False), start=start
     )
     assert fixed.params.per_class_watershed is True and fixed.score < tuned.score
+
+
+def test_shared_step_moves_every_class_in_one_change_that_passes_the_margin() -> None:
+    # every class needs the same lower seed; per class each change gains a third of the total
+    _, labels = synthetic_dataset(3, size=64, seed=4, n_classes=3)
+    probs = _weak_probabilities(labels, 3, strength=0.55)
+    start = PostprocessParams.uniform(3, fg=0.5, seed=0.7, min_size=0, min_solidity=0.0)
+    names = ["a", "b", "c"]
+    per_class = tune_thresholds(
+        probs, labels, names, grid=dataclasses.replace(GRID, shared=False), start=start
+    )
+    step_gains = np.diff([t["score"] for t in per_class.trace])
+    margin = float(step_gains.max()) + 0.01  # more than any single class's change gains
+    strict = dataclasses.replace(GRID, min_gain=margin)
+    shared = tune_thresholds(probs, labels, names, grid=strict, start=start)
+    assert shared.trace[1]["step"] == "all classes fg/seed"
+    assert all(c.seed <= 0.55 for c in shared.params.classes)
+    assert shared.score > shared.start_score + margin
+    alone = tune_thresholds(
+        probs, labels, names, grid=dataclasses.replace(strict, shared=False), start=start
+    )
+    assert alone.params == start  # no single class gains the margin
+
+
+def test_objective_chooses_the_task1_score() -> None:
+    _, labels = synthetic_dataset(2, size=64, seed=4, n_classes=3)
+    probs = _weak_probabilities(labels, 3, strength=0.55)
+    start = PostprocessParams.uniform(3, fg=0.5, seed=0.5, min_size=0, min_solidity=0.0)
+    names = ["a", "b", "c"]
+    scores = {
+        obj: tune_thresholds(
+            probs,
+            labels,
+            names,
+            grid=dataclasses.replace(GRID, objective=obj, rounds=0),
+            start=start,
+        ).start_score
+        for obj in ("mpq+", "pq", "pq+mpq+")
+    }
+    # rounds=0: only the start is scored, so the three numbers are the three objectives
+    assert scores["pq"] > 0.5 and scores["pq"] != scores["mpq+"]
+    assert scores["pq+mpq+"] == pytest.approx((scores["pq"] + scores["mpq+"]) / 2)
+    with pytest.raises(ConicQPError, match="objective"):
+        TuneGrid(objective="aji")
+
+
+def test_tuning_finds_the_seed_dynamic() -> None:
+    # every nucleus's interior probability has two peaks: thresholded seeds cut it in two
+    _, labels = synthetic_dataset(3, size=64, seed=4, n_classes=3)
+    probs = []
+    for sem, three in _weak_probabilities(labels, 3, strength=0.9):
+        cols = np.arange(three.shape[2])[None, :]
+        dip = 0.25 * (
+            np.cos(cols * np.pi / 3) > 0.5
+        )  # 0.9 -> 0.675 in stripes 2 px wide, 6 px apart: below the seed threshold 0.7
+        interior = three[1] * (1 - dip)
+        probs.append((sem, np.stack([three[0], interior, 1 - three[0] - interior])))
+    start = PostprocessParams.uniform(3, fg=0.5, seed=0.7, min_size=0, min_solidity=0.0)
+    grid = dataclasses.replace(GRID, seed_dynamic=(0.0, 0.3), shared=False, seed=(0.7,), fg=(0.5,))
+    result = tune_thresholds(probs, labels, ["a", "b", "c"], grid=grid, start=start, task=1)
+    assert result.params.seed_dynamic == 0.3
+    assert result.trace[1]["step"] == "seed dynamic"
+    assert result.score > result.start_score + 0.1

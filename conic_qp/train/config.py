@@ -107,9 +107,17 @@ class InferenceSection:
 
     ``mc_dropout``: whether TTA keeps dropout on when the user leaves it to the model (the
     paper: on; switch it off when MC dropout is measured to lower the validation scores).
+    ``zoom``: input enlargement at inference (:mod:`conic_qp.tta`; 1 = none), chosen by
+    scoring the validation tiles at a few zooms (``conic-qp evaluate --zoom``).
     """
 
     mc_dropout: bool = True
+    zoom: float = 1.0
+
+    def __post_init__(self) -> None:
+        from conic_qp.checkpoint import check_inference
+
+        check_inference(dataclasses.asdict(self), "the training config")
 
 
 @dataclass

@@ -96,18 +96,24 @@ def evaluate_checkpoint(
     device: str = "auto",
     seed: int = 0,
     save_pred: str | Path | None = None,
+    zoom: float | None = None,
+    config_path: str | Path | None = None,
 ) -> Any:
-    """CoNIC scores of a checkpoint on labelled tiles, with its tuned thresholds for ``task``."""
+    """CoNIC scores of a checkpoint on labelled tiles, with its tuned thresholds for ``task``.
+
+    ``config_path`` scores the validation split of a training config instead of ``data_specs``;
+    ``zoom`` None runs the network at the checkpoint's input zoom."""
     from conic_qp.metrics import evaluate
     from conic_qp.sinks import atomic_path
 
-    if not data_specs:
+    if not data_specs and config_path is None:
         raise ConicQPError(
             f"{option('model')} needs labelled tiles: pass {option('data')} FORMAT:PATH[@SPLIT]"
         )
-    ckpt, data = load_eval_data(model_path, data_specs, device=device, seed=seed)
+    ckpt, data = load_eval_data(model_path, data_specs, config_path, device=device, seed=seed)
     params = checkpoint_params(ckpt, Path(model_path), task)
-    pred = predicted_labels(iter_probabilities(ckpt.model, data.images, tta, seed), params)
+    probs = iter_probabilities(ckpt.model, data.images, tta, seed, zoom=zoom)
+    pred = predicted_labels(probs, params)
     true = labelled_truth(data)
     if save_pred is not None:
         target = Path(save_pred)
@@ -119,7 +125,7 @@ def evaluate_checkpoint(
 
 
 def whole_image_probabilities(
-    model: Any, image: np.ndarray, tta: int = 1, seed: int = 0
+    model: Any, image: np.ndarray, tta: int = 1, seed: int = 0, zoom: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(semantic, three_label) probabilities of one whole (H, W, 3) uint8 image in one pass.
 
@@ -131,12 +137,18 @@ def whole_image_probabilities(
     h, w = image.shape[:2]
     ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
     padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else image
-    sem, tl = next(iter_probabilities(model, padded[None], tta, seed))
+    sem, tl = next(iter_probabilities(model, padded[None], tta, seed, zoom=zoom))
     return sem[:, :h, :w], tl[:, :h, :w]
 
 
 def predict_whole_image(
-    ckpt: Any, image: np.ndarray, mpp: float, params: Any, tta: int = 1, seed: int = 0
+    ckpt: Any,
+    image: np.ndarray,
+    mpp: float,
+    params: Any,
+    tta: int = 1,
+    seed: int = 0,
+    zoom: float | None = None,
 ) -> np.ndarray:
     """(H, W, 2) instance and class ids of one whole (H, W, 3) image at ``mpp``, at its own size.
 
@@ -151,7 +163,7 @@ def predict_whole_image(
     small, _, _ = resample_labelled(
         image, np.zeros(image.shape[:2], np.int32), None, mpp / ckpt.mpp
     )
-    sem, tl = whole_image_probabilities(ckpt.model, small, tta=tta, seed=seed)
+    sem, tl = whole_image_probabilities(ckpt.model, small, tta=tta, seed=seed, zoom=zoom)
     inst = postprocess(sem, tl, params)
     lut = np.concatenate([[0], inst.classes]).astype(np.int32)
     pred = np.stack([inst.labels, lut[inst.labels]], axis=-1)
@@ -169,6 +181,7 @@ def evaluate_whole_images_checkpoint(
     task: int = 1,
     device: str = "auto",
     seed: int = 0,
+    zoom: float | None = None,
 ) -> Any:
     """Score a checkpoint on whole source images reassembled from overlapping tiles.
 
@@ -210,7 +223,9 @@ def evaluate_whole_images_checkpoint(
         for i in range(len(data)):
             name = str(data.meta["name"].iloc[i])
             image = np.asarray(data.images[i])
-            pred = predict_whole_image(ckpt, image, data.mpp, params, tta=tta, seed=seed + i)
+            pred = predict_whole_image(
+                ckpt, image, data.mpp, params, tta=tta, seed=seed + i, zoom=zoom
+            )
             cls = np.where(data.class_maps[i] < 0, 0, data.class_maps[i])
             true = np.stack([data.inst_maps[i], cls], axis=-1).astype(np.int32)
             scored.append((name, true, pred))

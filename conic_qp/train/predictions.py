@@ -20,12 +20,18 @@ __all__ = ["iter_probabilities", "labelled_truth", "predicted_labels"]
 
 
 def iter_probabilities(
-    model: Any, images: Any, tta: int = 1, seed: int = 0, batch_size: int = 8
+    model: Any,
+    images: Any,
+    tta: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    zoom: float | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(semantic, three_label) probabilities of each (N, H, W, 3) uint8 tile, one at a time.
 
     ``tta`` = 1 is a plain eval-mode forward pass; more passes add TTA, and MC dropout as the
-    checkpoint says (:func:`conic_qp.tta.mc_dropout_for`). Tiles are
+    checkpoint says (:func:`conic_qp.tta.mc_dropout_for`); ``zoom`` None: the checkpoint's
+    input zoom (:func:`conic_qp.tta.zoom_for`). Tiles are
     yielded as they are computed, so scoring many tiles never holds all their probabilities.
     """
     import torch
@@ -33,7 +39,7 @@ def iter_probabilities(
     from conic_qp.tta import TTAConfig, predict_probabilities
 
     device = next(model.parameters()).device
-    cfg = TTAConfig(passes=tta, mc_dropout=None if tta > 1 else False)
+    cfg = TTAConfig(passes=tta, mc_dropout=None if tta > 1 else False, zoom=zoom)
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(images[i : i + batch_size])))
         x = x.permute(0, 3, 1, 2).float().div(255).to(device)

@@ -1,9 +1,12 @@
 """Grid search of the post-processing thresholds on a validation set (paper II.G, table IV).
 
 The network runs once (with optional TTA); the search then only re-runs post-processing. It is a
-per-class coordinate search: for each class in turn, the (fg, seed) grid is searched jointly,
-then the size limits, then the solidity threshold, each time keeping the value that maximises the
-task's score (Task 1: mPQ+, Task 2: R2 of the counts); two rounds by default. Task 1 thresholds go
+coordinate search: first the seed h-maxima depth (``seed_dynamic``, which keeps pale nuclei
+whole), then one (fg, seed) pair for all classes at once (two parameters, so it
+follows the validation data less closely than per-class changes), then for each class in turn the
+(fg, seed) grid jointly, the size limits and the solidity threshold, each time keeping the value
+that maximises the task's score (Task 1: mPQ+ by default, or binary PQ, or their mean; Task 2: R2
+of the counts); two rounds by default. Task 1 thresholds go
 to the checkpoint's ``thresholds.json`` (the default for inference); Task 2 thresholds to
 ``thresholds_task2.json``.
 """
@@ -36,6 +39,12 @@ ABLATION_FLAGS = (
     "split_and_size_filter",
     "solidity_filter",
 )
+#: What ``disable`` accepts: the ablation switches, and ``seed_dynamic`` (the paper's seeds).
+DISABLE_CHOICES = (*ABLATION_FLAGS, "seed_dynamic")
+
+
+#: Task 1 scores :func:`tune_thresholds` can maximise.
+TASK1_OBJECTIVES = ("mpq+", "pq", "pq+mpq+")
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,11 @@ class TuneGrid:
     (0 keeps every improvement, as the paper's search). ``watershed``: also try delineating
     instances across class regions (``PostprocessParams.per_class_watershed`` off), which keeps
     a nucleus the network is unsure about whole instead of cutting it at a class border.
+    ``seed_dynamic``: candidate h-maxima depths of the seeds
+    (:attr:`~conic_qp.postprocess.PostprocessParams.seed_dynamic`; empty: keep the start's).
+    ``shared``: also try one (fg, seed) pair for all classes. ``objective``: the Task 1 score,
+    ``"mpq+"`` (the challenge's), ``"pq"`` (binary PQ: outlines only) or ``"pq+mpq+"`` (their
+    mean: outlines and classes alike).
     """
 
     fg: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
@@ -54,9 +68,18 @@ class TuneGrid:
     min_size: tuple[int, ...] = (0, 10, 20, 30)
     max_size: tuple[int | None, ...] = (None, 1000, 2000)
     min_solidity: tuple[float, ...] = (0.0, 0.6, 0.7, 0.8)
+    seed_dynamic: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
     rounds: int = 2
     min_gain: float = 0.0
     watershed: bool = True
+    shared: bool = True
+    objective: str = "mpq+"
+
+    def __post_init__(self) -> None:
+        if self.objective not in TASK1_OBJECTIVES:
+            raise ConicQPError(
+                f"objective {self.objective!r} must be one of {', '.join(TASK1_OBJECTIVES)}"
+            )
 
 
 @dataclass
@@ -69,8 +92,14 @@ class TuneResult:
     trace: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _score(task: int, result: Any) -> float:
-    return float(result.mpq_plus if task == 1 else result.r2)
+def _score(task: int, result: Any, objective: str = "mpq+") -> float:
+    if task == 2:
+        return float(result.r2)
+    return {
+        "mpq+": float(result.mpq_plus),
+        "pq": float(result.pq),
+        "pq+mpq+": (float(result.pq) + float(result.mpq_plus)) / 2,
+    }[objective]
 
 
 def tune_thresholds(
@@ -107,7 +136,9 @@ def tune_thresholds(
         key = json.dumps(p.to_json(), sort_keys=True)
         if key not in cache:
             cache[key] = _score(
-                task, evaluate(predicted_labels(probabilities, p), true, class_names)
+                task,
+                evaluate(predicted_labels(probabilities, p), true, class_names),
+                grid.objective,
             )
             evaluations += 1
             if on_progress is not None:
@@ -125,6 +156,23 @@ def tune_thresholds(
             if sc > best + margin:
                 best, params, improved = sc, cand, True
                 trace.append({"step": "watershed", "change": cand.per_class_watershed, "score": sc})
+        for dyn in grid.seed_dynamic:
+            cand = dataclasses.replace(params, seed_dynamic=dyn)
+            sc = score(cand)
+            if sc > best + margin:
+                best, params, improved = sc, cand, True
+                trace.append({"step": "seed dynamic", "change": dyn, "score": sc})
+        if grid.shared and params.class_specific_fg and params.class_specific_seed:
+            for f, s_ in itertools.product(grid.fg, grid.seed):
+                if s_ < f:
+                    continue
+                cand = params
+                for cid in range(1, n_classes + 1):
+                    cand = cand.with_class(cid, fg=f, seed=s_)
+                sc = score(cand)
+                if sc > best + margin:
+                    best, params, improved = sc, cand, True
+                    trace.append({"step": "all classes fg/seed", "change": [f, s_], "score": sc})
         if not (params.class_specific_fg and params.class_specific_seed):
             # Table IV ablation: one threshold pair for all classes.
             for f, s_ in itertools.product(grid.fg, grid.seed):
@@ -201,31 +249,39 @@ def tune_on_data(
     disable: Sequence[str] = (),
     output: str | Path | None = None,
     watershed: str = "auto",
+    zoom: float | None = None,
 ) -> list[tuple[TuneResult, Path]]:
     """Load a checkpoint and validation data, tune each task, write the thresholds files.
 
-    ``disable`` switches off post-processing steps (table IV: ``class_specific_seed``,
+    ``disable`` switches off post-processing steps (``seed_dynamic``: the paper's seeds; table
+    IV: ``class_specific_seed``,
     ``class_specific_fg``, ``split_and_size_filter``, ``solidity_filter``); ``watershed``:
     ``per-class`` (the paper) or ``across-classes`` fixes the delineation, ``auto`` lets the
     search choose (:class:`TuneGrid` ``watershed``); ``output`` writes the
-    thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint.
+    thresholds to that file (task 2: ``<stem>_task2.json``) instead of into the checkpoint;
+    ``zoom``: the input zoom the thresholds are for (None: the checkpoint's, which is what they
+    will run with).
     """
     from conic_qp.train.evaluation import checkpoint_params, load_eval_data
 
     ckpt, val = load_eval_data(model_path, data_specs, config_path, max_tiles, device, seed)
     scheme = ckpt.classes
     start = checkpoint_params(ckpt, model_path)
-    unknown = sorted(set(disable) - set(ABLATION_FLAGS))
+    unknown = sorted(set(disable) - set(DISABLE_CHOICES))
     if unknown:
-        raise ConicQPError(f"cannot disable {unknown}; choose from {', '.join(ABLATION_FLAGS)}")
-    switches: dict[str, Any] = {flag: False for flag in disable}
+        raise ConicQPError(f"cannot disable {unknown}; choose from {', '.join(DISABLE_CHOICES)}")
+    switches: dict[str, Any] = {flag: False for flag in disable if flag in ABLATION_FLAGS}
     start = dataclasses.replace(start, **switches)
+    if "seed_dynamic" in disable:  # every seed marks a nucleus, as in the paper
+        start = dataclasses.replace(start, seed_dynamic=0.0)
+        grid = dataclasses.replace(grid, seed_dynamic=())
     if watershed not in ("auto", "per-class", "across-classes"):
         raise ConicQPError(f"watershed {watershed!r} must be auto, per-class or across-classes")
     if watershed != "auto":  # the user chose the delineation
         start = dataclasses.replace(start, per_class_watershed=watershed == "per-class")
         grid = dataclasses.replace(grid, watershed=False)
-    probs = list(iter_probabilities(ckpt.model, val.images, tta, seed))  # re-scored per grid point
+    # computed once, re-scored per grid point
+    probs = list(iter_probabilities(ckpt.model, val.images, tta, seed, zoom=zoom))
     true = labelled_truth(val)
     results = []
     for task in tasks:

@@ -235,6 +235,13 @@ def evaluate_cmd(
 @click.option("--steps", type=int, default=None, help="Training steps (config: optim.steps).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (config: optim.batch_size).")
 @click.option("--encoder", default=None, help="timm encoder (config: model.encoder).")
+@click.option(
+    "--init-from",
+    default=None,
+    metavar="CHECKPOINT",
+    help="Start from a checkpoint folder's weights, or 'bundled' (fine-tuning; config: "
+    "model.init_from).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last state.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 def train_cmd(
@@ -245,6 +252,7 @@ def train_cmd(
     steps: int | None,
     batch_size: int | None,
     encoder: str | None,
+    init_from: str | None,
     resume: bool,
     print_config: bool,
 ) -> None:
@@ -258,6 +266,8 @@ def train_cmd(
         TimeRemainingColumn,
     )
 
+    import json
+
     from conic_qp.train.config import load_config
     from conic_qp.train.loop import train
 
@@ -268,9 +278,10 @@ def train_cmd(
         ("optim.steps", steps),
         ("optim.batch_size", batch_size),
         ("model.encoder", encoder),
+        ("model.init_from", init_from),
     ):
         if value is not None:
-            sets.append(f"{key}={value}")
+            sets.append(f"{key}={json.dumps(value)}")  # a JSON value is YAML: paths stay strings
     config = load_config(config_path, sets)
     if print_config:
         click.echo(config.to_yaml())

@@ -11,14 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 
 from conic_qp.checkpoint import load_checkpoint
+from conic_qp.cli import main
 from conic_qp.errors import ConicQPError, OutputError
 from conic_qp.paths import host_tag
+from conic_qp.predict import default_model_path
 from conic_qp.synthetic import synthetic_dataset
 from conic_qp.train.config import TrainConfig, load_config
 from conic_qp.train.data import save_conic_patches
-from conic_qp.train.loop import prepare_data, train
+from conic_qp.train.loop import initial_weights, prepare_data, train
 
 TINY = "mobilenetv3_small_050"
 
@@ -231,3 +235,64 @@ def test_encoder_learning_rate_scale(conic_folder: Path, tmp_path: Path) -> None
     assert len(encoder["params"]) == n_encoder
     with pytest.raises(ConicQPError, match="encoder_lr_scale"):
         train(_config(conic_folder, tmp_path / "bad", **{"optim.encoder_lr_scale": "0"}))
+
+
+def test_init_from_starts_at_a_checkpoints_weights(conic_folder: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    first = tmp_path / "first"
+    train(_config(conic_folder, first, **{"optim.steps": "2"}))
+    start = load_checkpoint(first / "last").model.state_dict()
+    # a rate so small that the weights cannot move: what the second run holds is what it loaded
+    tiny_lr = {"optim.steps": "1", "optim.lr": "1e-12", "optim.min_lr": "1e-13"}
+    tuned = tmp_path / "tuned"
+    train(_config(conic_folder, tuned, **{"model.init_from": str(first / "last"), **tiny_lr}))
+    loaded = load_checkpoint(tuned / "last")
+    assert loaded.training is not None and loaded.training["init_from"] == str(first / "last")
+    convs = [k for k, v in start.items() if v.ndim == 4]
+    assert len(convs) > 10
+    moved = loaded.model.state_dict()
+    assert all(torch.allclose(moved[k], start[k], atol=1e-6) for k in convs)
+    fresh = tmp_path / "fresh"
+    train(_config(conic_folder, fresh, **{"seed": "1", **tiny_lr}))
+    other = load_checkpoint(fresh / "last").model.state_dict()
+    assert not all(torch.allclose(other[k], start[k], atol=1e-6) for k in convs)
+
+
+def test_init_from_must_match_the_network_and_classes(conic_folder: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    first = tmp_path / "first"
+    train(_config(conic_folder, first, **{"optim.steps": "1"}))
+    wider = {"model.init_from": str(first / "last"), "model.decoder_channels": "[64, 16, 16, 8, 8]"}
+    with pytest.raises(ConicQPError, match="decoder channels"):
+        train(_config(conic_folder, tmp_path / "wider", **wider))
+    # the bundled model predicts the 4 CoNSeP classes, these tiles carry 6 CoNIC classes
+    bundled = {
+        "model.init_from": "bundled",
+        "model.encoder": "tf_efficientnet_lite0",
+        "model.decoder_channels": "[160, 96, 64, 32, 16]",
+    }
+    with pytest.raises(ConicQPError, match=r"data\.classes"):
+        train(_config(conic_folder, tmp_path / "classes", **bundled))
+    gone = {"model.init_from": str(tmp_path / "x")}
+    with pytest.raises(ConicQPError, match="not a checkpoint folder"):
+        train(_config(conic_folder, tmp_path / "gone", **gone))
+    assert not (tmp_path / "gone").exists()  # refused before anything was written
+
+
+def test_init_from_bundled_gives_every_weight_of_its_network() -> None:
+    bundled = load_checkpoint(default_model_path() or "missing")
+    state = initial_weights("bundled", bundled.config, bundled.classes)
+    expected = bundled.model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(v.dtype != torch.float16 for v in state.values())  # shipped fp16, trained fp32
+
+
+def test_train_cli_passes_init_from_and_out_as_strings() -> None:
+    res = CliRunner().invoke(
+        main,
+        ["train", "--init-from", "runs: 1/best", "--out", "7", "--steps", "12", "--print-config"],
+    )
+    assert res.exit_code == 0, res.output
+    cfg = yaml.safe_load(res.output)
+    assert cfg["model"]["init_from"] == "runs: 1/best" and cfg["out"] == "7"
+    assert cfg["optim"]["steps"] == 12

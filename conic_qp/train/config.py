@@ -49,9 +49,16 @@ class DataSource:
 
 @dataclass
 class ModelSection:
+    """The network. ``init_from`` starts from a trained checkpoint folder (or ``bundled``: the
+    model shipped with conic-qp) instead of ImageNet weights: fine-tuning on a lab's own
+    annotations, or continuing a run with a fresh schedule. Its encoder, decoder channels and
+    classes must match this config; optimiser and schedule start anew (``--resume`` continues
+    them instead)."""
+
     encoder: str = "efficientnet_b5"
     pretrained: bool = True
     pretrained_file: str | None = None
+    init_from: str | None = None
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     decoder_dropout: float = 0.2
     encoder_drop_path: float = 0.2
@@ -174,6 +181,12 @@ class TrainConfig:
                 raise ConicQPError(
                     f"training data folder {src.path} does not exist; fix data paths in the config"
                 )
+        init = self.model.init_from
+        if init is not None and init != "bundled" and not (Path(init) / "config.json").is_file():
+            raise ConicQPError(
+                f"model.init_from {init!r} is not a checkpoint folder (no config.json); give a "
+                "folder that conic-qp train wrote, or 'bundled'"
+            )
         if self.data.tile_size % 32:
             raise ConicQPError(f"data.tile_size={self.data.tile_size} must be a multiple of 32")
         o = self.optim

@@ -324,6 +324,38 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
+def initial_weights(spec: str, config: ModelConfig, scheme: ClassScheme) -> dict[str, torch.Tensor]:
+    """The state dict ``model.init_from`` names, checked against the network being trained."""
+    if spec == "bundled":
+        from conic_qp.predict import default_model_path
+
+        folder = default_model_path()
+        if folder is None:
+            raise ConicQPError(
+                "model.init_from is 'bundled' but this installation has no bundled model; "
+                "give a checkpoint folder"
+            )
+        spec = str(folder)
+    ckpt = load_checkpoint(spec)
+    mine = (config.encoder, tuple(config.decoder_channels))
+    theirs = (ckpt.config.encoder, tuple(ckpt.config.decoder_channels))
+    if mine != theirs:
+        raise ConicQPError(
+            f"model.init_from {spec!r} is a {theirs[0]} with decoder channels {list(theirs[1])}, "
+            f"the config builds a {mine[0]} with {list(mine[1])}; set model.encoder and "
+            "model.decoder_channels to the checkpoint's"
+        )
+    if ckpt.classes.names != scheme.names:
+        raise ConicQPError(
+            f"model.init_from {spec!r} predicts classes {ckpt.classes.names}, the training data "
+            f"has {scheme.names}; set data.classes to the checkpoint's scheme (map other labels "
+            "with class_mapping)"
+        )
+    return {
+        k: v.float() if v.is_floating_point() else v for k, v in ckpt.model.state_dict().items()
+    }
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - libraries that still use the global RNG
@@ -405,7 +437,11 @@ def train(
         pretrained_file=config.model.pretrained_file,
     )
     resuming = resume and state_path.exists()
-    model = ConicNet(mcfg, load_pretrained=not resuming).to(device)
+    init_from = None if resuming else config.model.init_from
+    model = ConicNet(mcfg, load_pretrained=not resuming and init_from is None)
+    if init_from is not None:
+        model.load_state_dict(initial_weights(init_from, mcfg, scheme))
+    model = model.to(device)
     memory_format = (
         torch.channels_last
         if config.channels_last and device.type in ("cpu", "cuda")
@@ -498,6 +534,8 @@ def train(
         "importance_sampling": config.balance.importance_sampling,
         "loss_weighting": config.balance.loss_weighting,
     }
+    if config.model.init_from is not None:
+        training_info["init_from"] = config.model.init_from
 
     def save(folder: str, extra: dict[str, Any]) -> None:
         save_checkpoint(

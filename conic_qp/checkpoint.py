@@ -76,6 +76,7 @@ def save_checkpoint(
     training: Mapping[str, Any] | None = None,
     half: bool = False,
     inference: Mapping[str, Any] | None = None,
+    thresholds_task2: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a checkpoint folder at ``path``, atomically.
 
@@ -92,6 +93,7 @@ def save_checkpoint(
     inference : how the model is best run, measured by whoever trained it (``mc_dropout``:
         whether TTA keeps dropout on when the user leaves it to the model; ``zoom``: how much
         the input is enlarged for the network, :mod:`conic_qp.tta`).
+    thresholds_task2 : thresholds tuned for Task 2 counting (``thresholds_task2.json``).
 
     Returns
     -------
@@ -137,6 +139,11 @@ def save_checkpoint(
         config["training"] = dict(training)
     _dumps(config, "checkpoint config (training info)")  # fail before writing anything
     thresholds_text = _dumps(dict(thresholds), "thresholds") if thresholds is not None else None
+    task2_text = (
+        _dumps(dict(thresholds_task2), "Task 2 thresholds")
+        if thresholds_task2 is not None
+        else None
+    )
     tensors = _state_for_storage(model, half)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,12 +155,51 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(_dumps(config, "checkpoint config"), encoding="utf-8")
         if thresholds_text is not None:
             (tmp / THRESHOLDS_FILE).write_text(thresholds_text, encoding="utf-8")
+        if task2_text is not None:
+            (tmp / THRESHOLDS_TASK2_FILE).write_text(task2_text, encoding="utf-8")
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("saved checkpoint %s (%s)", target, config["weights_dtype"])
     return target
+
+
+def blend_checkpoints(first: Checkpoint, second: Checkpoint, weight: float) -> ConicNet:
+    """The network whose weights are ``(1 - weight) * first + weight * second``.
+
+    WiSE-FT (Wortsman et al., CVPR 2022): blending a fine-tuned model with the model it was
+    fine-tuned from keeps most of what fine-tuning gained on its data and recovers what it lost on
+    other data (docs/models.md measures it on CoNSeP and NuCLS). Meaningful only for two
+    checkpoints on one training path, one fine-tuned from the other (``train --init-from``).
+    Integer buffers (batch-norm counters) come from ``second``.
+    """
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
+        raise ConicQPError(f"blend weight must be a number from 0 to 1, got {weight!r}")
+    a, b = first.config, second.config
+    arch_a = (a.encoder, a.n_classes, tuple(a.decoder_channels), a.in_chans)
+    arch_b = (b.encoder, b.n_classes, tuple(b.decoder_channels), b.in_chans)
+    if arch_a != arch_b:
+        raise ConicQPError(
+            f"cannot blend {str(first.path)!r} and {str(second.path)!r}: different networks "
+            f"(encoder, classes, decoder channels, input channels: {arch_a} vs {arch_b}); blend a "
+            "model with one fine-tuned from it"
+        )
+    if first.classes.names != second.classes.names or first.mpp != second.mpp:
+        raise ConicQPError(
+            f"cannot blend {str(first.path)!r} and {str(second.path)!r}: their classes or um/px "
+            "differ; blend checkpoints of the same scheme and resolution"
+        )
+    sa, sb = first.model.state_dict(), second.model.state_dict()
+    mixed = {
+        k: (1 - weight) * sa[k].float() + weight * v.float() if v.is_floating_point() else v
+        for k, v in sb.items()
+    }
+    model = ConicNet(b, load_pretrained=False)
+    model.load_state_dict(mixed)
+    model.mc_dropout_default = second.model.mc_dropout_default
+    model.inference_zoom = second.model.inference_zoom
+    return model.eval()
 
 
 def read_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -258,6 +258,8 @@ def train_cmd(
 ) -> None:
     """Train a model with the paper's recipe (II.A-E); keeps the checkpoint with the best mPQ+."""
     _passive_omp_threads()
+    import json
+
     from rich.progress import (
         BarColumn,
         Progress,
@@ -265,8 +267,6 @@ def train_cmd(
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-
-    import json
 
     from conic_qp.train.config import load_config
     from conic_qp.train.loop import train

@@ -360,3 +360,41 @@ def test_inference_recommendation_round_trip(tmp_path: Path, model: ConicNet) ->
     assert load_checkpoint(plain).model.inference_zoom == 1.0
     with pytest.raises(ConicQPError, match="must be true or false"):
         save_checkpoint(tmp_path / "e", model, CONIC, 0.5, inference={"mc_dropout": 0})
+
+
+def test_blend_is_the_weighted_mean_of_two_checkpoints(tmp_path: Path) -> None:
+    first = save_checkpoint(tmp_path / "a", make_model(seed=0), CONIC, 0.5, inference={"zoom": 1.5})
+    second = save_checkpoint(tmp_path / "b", make_model(seed=1), CONIC, 0.5)
+    a, b = load_checkpoint(first), load_checkpoint(second)
+    blended = ckpt_mod.blend_checkpoints(a, b, 0.25)
+    sa, sb, sm = a.model.state_dict(), b.model.state_dict(), blended.state_dict()
+    floats = [k for k, v in sa.items() if v.is_floating_point()]
+    assert any(not torch.equal(sa[k], sb[k]) for k in floats)
+    for k in floats:
+        torch.testing.assert_close(sm[k], 0.75 * sa[k] + 0.25 * sb[k])
+    assert all(torch.equal(sm[k], sb[k]) for k in sa if k not in floats)  # BN counters
+    assert blended.inference_zoom == 1.0  # inference settings follow the second
+    # the ends are the two checkpoints themselves
+    ends = ckpt_mod.blend_checkpoints(a, b, 0.0).state_dict()
+    assert all(torch.equal(ends[k], sa[k]) for k in floats)
+    assert not blended.training
+
+
+def test_blend_refuses_different_networks_and_weights(tmp_path: Path) -> None:
+    a = load_checkpoint(save_checkpoint(tmp_path / "a", make_model(), CONIC, 0.5))
+    four = load_checkpoint(save_checkpoint(tmp_path / "c", make_model(n_classes=4), CONSEP, 0.5))
+    coarse = load_checkpoint(save_checkpoint(tmp_path / "d", make_model(seed=2), CONIC, 1.0))
+    with pytest.raises(ConicQPError, match="different networks"):
+        ckpt_mod.blend_checkpoints(a, four, 0.5)
+    with pytest.raises(ConicQPError, match="classes or um/px"):
+        ckpt_mod.blend_checkpoints(a, coarse, 0.5)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ConicQPError, match="from 0 to 1"):
+            ckpt_mod.blend_checkpoints(a, a, bad)  # type: ignore[arg-type]
+
+
+def test_task2_thresholds_are_written_with_the_checkpoint(tmp_path: Path, model: ConicNet) -> None:
+    task2 = {"fg": [0.4] * 6}
+    folder = save_checkpoint(tmp_path / "m", model, CONIC, 0.5, thresholds_task2=task2)
+    assert json.loads((folder / ckpt_mod.THRESHOLDS_TASK2_FILE).read_text()) == task2
+    assert not (folder / THRESHOLDS_FILE).exists()

@@ -176,9 +176,7 @@ def blend_checkpoints(first: Checkpoint, second: Checkpoint, weight: float) -> C
     """
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
         raise ConicQPError(f"blend weight must be a number from 0 to 1, got {weight!r}")
-    a, b = first.config, second.config
-    arch_a = (a.encoder, a.n_classes, tuple(a.decoder_channels), a.in_chans)
-    arch_b = (b.encoder, b.n_classes, tuple(b.decoder_channels), b.in_chans)
+    arch_a, arch_b = first.config.architecture, second.config.architecture
     if arch_a != arch_b:
         raise ConicQPError(
             f"cannot blend {str(first.path)!r} and {str(second.path)!r}: different networks "
@@ -192,10 +190,9 @@ def blend_checkpoints(first: Checkpoint, second: Checkpoint, weight: float) -> C
         )
     sa, sb = first.model.state_dict(), second.model.state_dict()
     mixed = {
-        k: (1 - weight) * sa[k].float() + weight * v.float() if v.is_floating_point() else v
-        for k, v in sb.items()
+        k: (1 - weight) * sa[k] + weight * v if v.is_floating_point() else v for k, v in sb.items()
     }
-    model = ConicNet(b, load_pretrained=False)
+    model = ConicNet(second.config, load_pretrained=False)
     model.load_state_dict(mixed)
     model.mc_dropout_default = second.model.mc_dropout_default
     model.inference_zoom = second.model.inference_zoom

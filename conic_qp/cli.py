@@ -87,6 +87,11 @@ def _passive_omp_threads() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+ZOOM_HELP = (
+    "Enlarge the input this much for the network (default: as the checkpoint says; 1 is fastest)."
+)
+
+
 @main.command("evaluate")
 @click.option("--pred", "pred_path", default=None, metavar="P.npy", help="Predicted labels.")
 @click.option("--true", "true_path", default=None, metavar="T.npy", help="Ground-truth labels.")
@@ -116,7 +121,7 @@ def _passive_omp_threads() -> None:
     "--zoom",
     type=float,
     default=None,
-    help="Enlarge the input this much for the network (default: as the checkpoint says; 1 is fastest).",
+    help=ZOOM_HELP,
 )
 @click.option(
     "--task",
@@ -452,9 +457,9 @@ def tune_cmd(
     table = Table(title=f"tuned thresholds of {model_path}")
     for col in ("task", "score", "before", "evaluations", "written to"):
         table.add_column(col)
+    task1 = {"mpq+": "mPQ+", "pq": "PQ", "pq+mpq+": "(PQ + mPQ+) / 2"}[objective]
     for r, path in results:
-        name = {"mpq+": "mPQ+", "pq": "PQ", "pq+mpq+": "(PQ + mPQ+) / 2"}[objective]
-        name = name if r.task == 1 else "R2"
+        name = task1 if r.task == 1 else "R2"
         table.add_row(
             f"{r.task} ({name})",
             f"{r.score:.4f}",
@@ -503,7 +508,7 @@ _tta_options = _options(
         is_flag=True,
         help="Disable dropout at test time (default: as the checkpoint says).",
     ),
-    click.option("--zoom", type=float, default=None, help="Enlarge the input this much for the network (default: as the checkpoint says; 1 is fastest)."),
+    click.option("--zoom", type=float, default=None, help=ZOOM_HELP),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Makes TTA reproducible."),
     click.option("--batch-size", type=int, default=2, show_default=True,

@@ -131,6 +131,13 @@ class ModelConfig:
                 )
 
     @property
+    def architecture(self) -> tuple[str, int, tuple[int, ...], int]:
+        """(encoder, n_classes, decoder_channels, in_chans): what decides the weights' shapes and
+        meaning; two configs that agree here hold interchangeable state dicts (dropout and
+        pretraining settings do not matter)."""
+        return (self.encoder, self.n_classes, self.decoder_channels, self.in_chans)
+
+    @property
     def out_channels(self) -> dict[str, int]:
         """Channels of each output head."""
         return {"semantic": self.n_classes + 1, "three_label": 3, "vectors": 2}

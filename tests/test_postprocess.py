@@ -266,15 +266,20 @@ def reference_agnostic_watershed(
     return watershed(-tl[1].astype(np.float64), markers, mask=fg, connectivity=1)
 
 
-@pytest.mark.parametrize("per_class", [True, False])
-def test_watershed_equals_plain_watersheds_on_crowded_maps(per_class: bool) -> None:
-    rng = np.random.default_rng(5)
+def _crowded_probs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Exact probabilities of 69 overlapping ellipses in 3 classes on a 100 x 110 tile."""
     inst = np.zeros((100, 110), dtype=np.int32)
     for k in range(1, 70):
         r, c = rng.integers(0, 100), rng.integers(0, 110)
         rr, cc = ellipse(r, c, rng.uniform(2, 8), rng.uniform(2, 8), shape=inst.shape)
         inst[rr, cc] = k
-    sem, tl = probs_from_targets(inst, np.r_[0, rng.integers(1, 4, 70)], 3)
+    return probs_from_targets(inst, np.r_[0, rng.integers(1, 4, 70)], 3)
+
+
+@pytest.mark.parametrize("per_class", [True, False])
+def test_watershed_equals_plain_watersheds_on_crowded_maps(per_class: bool) -> None:
+    rng = np.random.default_rng(5)
+    sem, tl = _crowded_probs(rng)
     sem = ndi.gaussian_filter(sem + 0.6 * rng.random(sem.shape).astype(np.float32), (0, 1, 1))
     sem /= sem.sum(axis=0)
     tl = ndi.gaussian_filter(tl + 0.4 * rng.random(tl.shape).astype(np.float32), (0, 1.5, 1.5))
@@ -341,12 +346,7 @@ def reference_dynamic_watershed(
 
 def test_seed_dynamic_equals_plain_h_maxima_watershed_on_crowded_maps() -> None:
     rng = np.random.default_rng(5)
-    inst = np.zeros((100, 110), dtype=np.int32)
-    for k in range(1, 70):
-        r, c = rng.integers(0, 100), rng.integers(0, 110)
-        rr, cc = ellipse(r, c, rng.uniform(2, 8), rng.uniform(2, 8), shape=inst.shape)
-        inst[rr, cc] = k
-    sem, tl = probs_from_targets(inst, np.r_[0, rng.integers(1, 4, 70)], 3)
+    sem, tl = _crowded_probs(rng)
     tl = ndi.gaussian_filter(tl + 0.4 * rng.random(tl.shape).astype(np.float32), (0, 1.5, 1.5))
     tl = (tl / tl.sum(axis=0)).astype(np.float64)
     params = dataclasses.replace(

@@ -18,6 +18,8 @@ from conic_qp.errors import ConicQPError
 from conic_qp.train.augment import AugmentConfig
 
 DATA_FORMATS = ("conic", "lizard", "tiles", "nucls")
+#: ``model.init_from`` value naming the model shipped with conic-qp.
+BUNDLED = "bundled"
 
 
 @dataclass
@@ -181,8 +183,10 @@ class TrainConfig:
                 raise ConicQPError(
                     f"training data folder {src.path} does not exist; fix data paths in the config"
                 )
+        from conic_qp.checkpoint import CONFIG_FILE
+
         init = self.model.init_from
-        if init is not None and init != "bundled" and not (Path(init) / "config.json").is_file():
+        if init is not None and init != BUNDLED and not (Path(init) / CONFIG_FILE).is_file():
             raise ConicQPError(
                 f"model.init_from {init!r} is not a checkpoint folder (no config.json); give a "
                 "folder that conic-qp train wrote, or 'bundled'"

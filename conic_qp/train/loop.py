@@ -48,7 +48,7 @@ from conic_qp.postprocess import PostprocessParams
 from conic_qp.sinks import atomic_open
 from conic_qp.targets import make_targets
 from conic_qp.train.augment import Augmenter
-from conic_qp.train.config import DataSection, DataSource, TrainConfig
+from conic_qp.train.config import BUNDLED, DataSection, DataSource, TrainConfig
 from conic_qp.train.data import (
     IGNORE,
     NUCLS,
@@ -326,7 +326,7 @@ class TrainResult:
 
 def initial_weights(spec: str, config: ModelConfig, scheme: ClassScheme) -> dict[str, torch.Tensor]:
     """The state dict ``model.init_from`` names, checked against the network being trained."""
-    if spec == "bundled":
+    if spec == BUNDLED:
         from conic_qp.predict import default_model_path
 
         folder = default_model_path()
@@ -336,24 +336,22 @@ def initial_weights(spec: str, config: ModelConfig, scheme: ClassScheme) -> dict
                 "give a checkpoint folder"
             )
         spec = str(folder)
-    ckpt = load_checkpoint(spec)
-    mine = (config.encoder, tuple(config.decoder_channels))
-    theirs = (ckpt.config.encoder, tuple(ckpt.config.decoder_channels))
-    if mine != theirs:
-        raise ConicQPError(
-            f"model.init_from {spec!r} is a {theirs[0]} with decoder channels {list(theirs[1])}, "
-            f"the config builds a {mine[0]} with {list(mine[1])}; set model.encoder and "
-            "model.decoder_channels to the checkpoint's"
-        )
+    ckpt = load_checkpoint(spec)  # fp32 whatever the checkpoint stores
     if ckpt.classes.names != scheme.names:
         raise ConicQPError(
             f"model.init_from {spec!r} predicts classes {ckpt.classes.names}, the training data "
             f"has {scheme.names}; set data.classes to the checkpoint's scheme (map other labels "
             "with class_mapping)"
         )
-    return {
-        k: v.float() if v.is_floating_point() else v for k, v in ckpt.model.state_dict().items()
-    }
+    if ckpt.config.architecture != config.architecture:
+        theirs = ckpt.config
+        raise ConicQPError(
+            f"model.init_from {spec!r} is a {theirs.encoder} with decoder channels "
+            f"{list(theirs.decoder_channels)}, the config builds a {config.encoder} with "
+            f"{list(config.decoder_channels)}; set model.encoder and model.decoder_channels to "
+            "the checkpoint's"
+        )
+    return ckpt.model.state_dict()
 
 
 def _seed_everything(seed: int) -> None:

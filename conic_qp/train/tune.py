@@ -148,20 +148,23 @@ def tune_thresholds(
     margin = max(1e-9, float(grid.min_gain))
     start_score = best = score(params)
     trace: list[dict[str, Any]] = [{"step": "start", "score": best}]
+    improved = False
+
+    def consider(cand: PostprocessParams, step: str, change: Any) -> None:
+        """Keep ``cand`` when it beats the best so far by more than the margin."""
+        nonlocal best, params, improved
+        sc = score(cand)
+        if sc > best + margin:
+            best, params, improved = sc, cand, True
+            trace.append({"step": step, "change": change, "score": sc})
+
     for _ in range(grid.rounds):
         improved = False
         if grid.watershed:
             cand = dataclasses.replace(params, per_class_watershed=not params.per_class_watershed)
-            sc = score(cand)
-            if sc > best + margin:
-                best, params, improved = sc, cand, True
-                trace.append({"step": "watershed", "change": cand.per_class_watershed, "score": sc})
+            consider(cand, "watershed", cand.per_class_watershed)
         for dyn in grid.seed_dynamic:
-            cand = dataclasses.replace(params, seed_dynamic=dyn)
-            sc = score(cand)
-            if sc > best + margin:
-                best, params, improved = sc, cand, True
-                trace.append({"step": "seed dynamic", "change": dyn, "score": sc})
+            consider(dataclasses.replace(params, seed_dynamic=dyn), "seed dynamic", dyn)
         if grid.shared and params.class_specific_fg and params.class_specific_seed:
             for f, s_ in itertools.product(grid.fg, grid.seed):
                 if s_ < f:
@@ -169,10 +172,7 @@ def tune_thresholds(
                 cand = params
                 for cid in range(1, n_classes + 1):
                     cand = cand.with_class(cid, fg=f, seed=s_)
-                sc = score(cand)
-                if sc > best + margin:
-                    best, params, improved = sc, cand, True
-                    trace.append({"step": "all classes fg/seed", "change": [f, s_], "score": sc})
+                consider(cand, "all classes fg/seed", [f, s_])
         if not (params.class_specific_fg and params.class_specific_seed):
             # Table IV ablation: one threshold pair for all classes.
             for f, s_ in itertools.product(grid.fg, grid.seed):
@@ -183,10 +183,7 @@ def tune_thresholds(
                     agnostic_fg=f if not params.class_specific_fg else params.agnostic_fg,
                     agnostic_seed=s_ if not params.class_specific_seed else params.agnostic_seed,
                 )
-                sc = score(cand)
-                if sc > best + margin:
-                    best, params, improved = sc, cand, True
-                    trace.append({"step": "agnostic fg/seed", "change": [f, s_], "score": sc})
+                consider(cand, "agnostic fg/seed", [f, s_])
         for cid in range(1, n_classes + 1):
             searches: list[tuple[str, list[dict[str, Any]]]] = [
                 (
@@ -209,11 +206,7 @@ def tune_thresholds(
             ]
             for name, candidates in searches:
                 for change in candidates:
-                    cand = params.with_class(cid, **change)
-                    s = score(cand)
-                    if s > best + margin:
-                        best, params, improved = s, cand, True
-                        trace.append({"step": f"class {cid} {name}", "change": change, "score": s})
+                    consider(params.with_class(cid, **change), f"class {cid} {name}", change)
         if not improved:
             break
     logger.info(
